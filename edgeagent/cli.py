@@ -1,0 +1,236 @@
+"""The ``edgeagent`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from edgeagent import __version__
+
+EXIT_USAGE = 2
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", "-c", type=Path, default=None,
+        help="TOML configuration file (default: /etc/edgeagent/edgeagent.toml when present)",
+    )
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from edgeagent.settings import ConfigError, load_settings
+
+    try:
+        return load_settings(args.config)
+    except ConfigError as exc:
+        _print_config_errors(exc)
+        raise SystemExit(EXIT_USAGE) from exc
+
+
+def _print_config_errors(exc: Any) -> None:
+    print(f"{exc.source}: invalid configuration", file=sys.stderr)
+    for path, msg in exc.errors:
+        print(f"  {path}: {msg}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- commands
+def cmd_run(args: argparse.Namespace) -> int:
+    from edgeagent.daemon import run
+    from edgeagent.transports import default_transports
+
+    return run(args.config, default_transports())
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from edgeagent.planner import ModelMeta, PlanError, plan
+    from edgeagent.probe import probe
+
+    settings = _settings(args)
+    hw = probe(settings.runtime.probe_root)
+    try:
+        meta = ModelMeta.from_folder(settings.model_path)
+        the_plan = plan(hw, meta, settings.runtime, settings.limits)
+    except PlanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"hardware": hw.to_dict(), "model": str(settings.model_path),
+                          "plan": the_plan.to_dict()}, indent=2))
+    else:
+        print(f"model: {settings.model_path}")
+        print(the_plan.describe())
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from edgeagent import client
+
+    return client.ask(args)
+
+
+def cmd_model_build(args: argparse.Namespace) -> int:
+    from edgeagent.convert import build_model
+
+    output = args.output
+    if output is None:
+        output = _settings(args).model_path if args.from_hf is None else None
+    if output is None:
+        print("error: --output is required with --from-hf", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        build_model(output, from_hf=args.from_hf, force=args.force)
+    except Exception as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_model_verify(args: argparse.Namespace) -> int:
+    from edgeagent.manifest import ModelIntegrityError, verify_model
+
+    path = args.path or _settings(args).model_path
+    try:
+        manifest = verify_model(path)
+    except ModelIntegrityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{path}: " + ("verified" if manifest else "no manifest (unverified)"))
+    return 0
+
+
+def cmd_config_push(args: argparse.Namespace) -> int:
+    from edgeagent.fleet import push_main
+
+    target = args.group or args.device
+    return push_main(args.mqtt, target, args.group is not None, args.file, args.sign,
+                     args.topic_prefix, args.timeout)
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from edgeagent.fleet import keygen_main
+
+    return keygen_main(args.prefix)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from edgeagent.doctor import run_doctor
+
+    return run_doctor(args.config)
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    from edgeagent.settings import ConfigError, load_settings
+
+    try:
+        load_settings(args.file, use_overlay=False)
+    except ConfigError as exc:
+        _print_config_errors(exc)
+        return EXIT_USAGE
+    print(f"{args.file}: valid")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    print(json.dumps(settings.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from edgeagent.docs import settings_reference
+
+    sys.stdout.write(settings_reference())
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgeagent", description="An LLM daemon for IoT gateways."
+    )
+    parser.add_argument("--version", action="version", version=f"edgeagent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the daemon in the foreground")
+    _add_config(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("plan", help="show how the daemon would size itself on this machine")
+    _add_config(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("ask", help="one-shot generation (through the daemon's socket)")
+    _add_config(p)
+    p.add_argument("prompt", help="the user message")
+    p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--model", default=None, help="model or profile, e.g. edgeagent:coding")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--no-stream", action="store_true", help="print the answer at the end")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket", type=Path, default=None, help="the daemon's Unix socket")
+    where.add_argument("--local", action="store_true",
+                       help="load the model in this process instead of asking the daemon")
+    where.add_argument("--mqtt", default=None, metavar="URL", help="ask over MQTT")
+    p.add_argument("--device", default=None, help="with --mqtt: the device id to ask")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait")
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("doctor", help="check this gateway's setup and list what to fix")
+    _add_config(p)
+    p.set_defaults(func=cmd_doctor)
+
+    model = sub.add_parser("model", help="build and check models").add_subparsers(
+        dest="model_command", required=True)
+    p = model.add_parser("build", help="build the default INT4 model, or one from --from-hf")
+    _add_config(p)
+    p.add_argument("--from-hf", type=Path, default=None, metavar="DIR",
+                   help="a local Hugging Face checkpoint to convert")
+    p.add_argument("--output", type=Path, default=None,
+                   help="model folder (default: the configured model path)")
+    p.add_argument("--force", action="store_true", help="rebuild even if present")
+    p.set_defaults(func=cmd_model_build)
+    p = model.add_parser("verify", help="check a model folder against its manifest")
+    _add_config(p)
+    p.add_argument("path", type=Path, nargs="?", default=None)
+    p.set_defaults(func=cmd_model_verify)
+
+    config = sub.add_parser("config", help="configuration tools").add_subparsers(
+        dest="config_command", required=True)
+    p = config.add_parser("validate", help="check a TOML file; print every error, exit 2")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_config_validate)
+    p = config.add_parser("show", help="print the effective configuration")
+    _add_config(p)
+    p.set_defaults(func=cmd_config_show)
+    p = config.add_parser("reference", help="print the configuration reference (markdown)")
+    p.set_defaults(func=cmd_config_reference)
+    p = config.add_parser("push", help="push a fleet configuration (retained) over MQTT")
+    p.add_argument("--mqtt", required=True, metavar="URL", help="mqtt://host:port")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--device", help="one gateway: waits for its report")
+    target.add_argument("--group", help="every gateway of a fleet group")
+    p.add_argument("file", type=Path, help='JSON: {"version": N, "settings": {...}}')
+    p.add_argument("--sign", type=Path, default=None, metavar="KEYFILE",
+                   help="Ed25519 private key (edgeagent keygen)")
+    p.add_argument("--topic-prefix", default="edgeagent")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(func=cmd_config_push)
+
+    p = sub.add_parser("keygen", help="make an Ed25519 key pair for signing fleet pushes")
+    p.add_argument("prefix", type=Path, help="writes PREFIX.key and PREFIX.pub")
+    p.set_defaults(func=cmd_keygen)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,364 @@
+"""``edgeagent run``: the daemon's lifecycle.
+
+start -> load (probe, plan, verify, load the model) -> READY -> serve -> drain -> exit.
+
+- SIGTERM / SIGINT: stop accepting, let in-flight work finish within ``drain_timeout_s``,
+  cancel what is left, exit 0. A second SIGINT exits at once.
+- SIGHUP: reload the configuration; what can change live changes live, a model or plan
+  change reloads the model in the background while the old one keeps serving.
+- A startup failure (bad configuration, missing or tampered model, a plan that cannot fit)
+  exits with ``STARTUP_FAILURE`` and one clear log line, so systemd stops restarting.
+- sd_notify: ``READY=1`` once serving, ``STATUS=``, ``WATCHDOG=1`` from the main loop tick
+  while healthy, ``STOPPING=1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+from edgeagent import log as logsetup
+from edgeagent.engine import Engine
+from edgeagent.manifest import ModelIntegrityError, verify_model
+from edgeagent.planner import ModelMeta, Plan, PlanError, plan
+from edgeagent.probe import probe
+from edgeagent.scheduler import Scheduler
+from edgeagent.sdnotify import Notifier, watchdog_interval
+from edgeagent.settings import ConfigError, Settings, load_settings
+from edgeagent.telemetry import Telemetry
+
+log = structlog.get_logger(__name__)
+
+STARTUP_FAILURE = 3
+
+
+class StartupError(Exception):
+    """The daemon cannot start and restarting will not help."""
+
+
+class Transport(Protocol):
+    """A way in for requests (the Unix socket, MQTT). Started before the model loads."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop_accepting(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+TransportFactory = Callable[["Daemon"], Transport]
+
+
+def load_engine(settings: Settings) -> tuple[Engine, Plan, dict[str, object] | None]:
+    """Probe, plan, verify and load: everything a (re)load needs, or a StartupError."""
+    path = settings.model_path
+    if not path.exists():
+        hint = (
+            " (build it with 'edgeagent model build')" if settings.model.path is None else ""
+        )
+        raise StartupError(f"model folder {path} does not exist{hint}")
+    try:
+        manifest = verify_model(path, check_hashes=settings.model.verify)
+        meta = ModelMeta.from_folder(path)
+        the_plan = plan(probe(settings.runtime.probe_root), meta, settings.runtime,
+                        settings.limits)
+    except (ModelIntegrityError, PlanError) as exc:
+        raise StartupError(str(exc)) from exc
+    try:
+        engine = Engine(path, the_plan)
+    except Exception as exc:  # onnxruntime-genai raises plain RuntimeErrors
+        raise StartupError(f"model {path} failed to load: {exc}") from exc
+    return engine, the_plan, manifest
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: Settings,
+        config_path: Path | None = None,
+        transports: list[TransportFactory] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.notifier = Notifier()
+        self.started_at = time.monotonic()
+        self.started_wall = time.time()
+        self.state = "starting"
+        self.plan: Plan | None = None
+        self.manifest: dict[str, object] | None = None
+        self.scheduler: Scheduler | None = None
+        self.transports: list[Transport] = [make(self) for make in (transports or [])]
+        self._exit = asyncio.Event()
+        self._force_exit = False
+        self._reload_task: asyncio.Task[None] | None = None
+        self.telemetry: Telemetry | None = None
+        self.last_apply = "boot"
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def model_id(self) -> str:
+        """The manifest's model id, or the model folder's name."""
+        if self.manifest and isinstance(self.manifest.get("model_id"), str):
+            return str(self.manifest["model_id"])
+        return self.settings.model_path.name
+
+    def uptime(self) -> float:
+        return time.monotonic() - self.started_at
+
+    def transport_counters(self) -> dict[str, int]:
+        """Counters of every transport (e.g. MQTT reconnects), for /metrics and telemetry."""
+        out: dict[str, int] = {}
+        for transport in self.transports:
+            counters = getattr(transport, "counters", None)
+            if callable(counters):
+                out.update(counters())
+        if self.telemetry is not None:
+            out.update(self.telemetry.counters())
+        return out
+
+    def config_status(self) -> dict[str, object]:
+        """The configuration in effect: fleet overlay version, a hash, the last apply."""
+        effective = json.dumps(self.settings.model_dump(mode="json"), sort_keys=True)
+        version = None
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            version = json.loads(self.settings.overlay_path.read_text()).get("version")
+        return {"version": version,
+                "hash": hashlib.sha256(effective.encode()).hexdigest()[:16],
+                "last_apply": self.last_apply}
+
+    def health(self) -> dict[str, object]:
+        """What /health reports: state, plan, model, versions, transports, serving figures."""
+        import onnxruntime
+        import onnxruntime_genai
+
+        from edgeagent import __version__
+
+        doc: dict[str, object] = {
+            "status": self.state,
+            "device_id": self.settings.device_id,
+            "uptime_s": round(self.uptime(), 1),
+            "versions": {"edgeagent": __version__, "onnxruntime": onnxruntime.__version__,
+                         "onnxruntime_genai": onnxruntime_genai.__version__},
+            "model": {"id": self.model_id, "path": str(self.settings.model_path),
+                      "verified": self.manifest is not None},
+            "plan": self.plan.to_dict() if self.plan else None,
+            "transports": {t.name: getattr(t, "state", lambda: "on")() for t in
+                           self.transports},
+        }
+        if self.scheduler is not None:
+            doc["serving"] = self.scheduler.snapshot()
+        return doc
+
+    # ------------------------------------------------------------ signals
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.add_signal_handler(signal.SIGTERM, self.request_exit, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self.request_exit, "SIGINT")
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def _restore_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+    def request_exit(self, why: str = "request") -> None:
+        if self._exit.is_set():
+            if why == "SIGINT":
+                log.warning("second SIGINT: exiting without drain")
+                self._force_exit = True
+                if self.scheduler is not None:
+                    self.scheduler.cancel_all()
+            return
+        log.info("shutdown requested", signal=why)
+        self._exit.set()
+
+    def _on_sighup(self) -> None:
+        if self._reload_task is not None and not self._reload_task.done():
+            log.warning("reload already in progress; SIGHUP ignored")
+            return
+        self._reload_task = asyncio.get_running_loop().create_task(self.reload())
+
+    # ------------------------------------------------------------ lifecycle
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._install_signals(loop)
+        try:
+            return await self._run()
+        finally:
+            self._restore_signals(loop)
+            self.notifier.close()
+
+    async def _run(self) -> int:
+        log.info("starting", device_id=self.settings.device_id, model=str(
+            self.settings.model_path), config=str(self.config_path or "(default)"))
+        self.notifier.send("STATUS=starting")
+        try:
+            for transport in self.transports:
+                await transport.start()
+        except Exception as exc:
+            log.error("startup failed", error=str(exc))
+            await self._close_transports()
+            return STARTUP_FAILURE
+        self.state = "loading"
+        self.notifier.send("STATUS=loading model")
+        load = asyncio.ensure_future(asyncio.to_thread(load_engine, self.settings))
+        exit_wait = asyncio.ensure_future(self._exit.wait())
+        await asyncio.wait({load, exit_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if not load.done():
+            log.info("shutdown during model load; exiting once it finishes")
+            with contextlib.suppress(Exception):
+                await load
+            await self._close_transports()
+            return 0
+        exit_wait.cancel()
+        try:
+            engine, self.plan, self.manifest = load.result()
+        except StartupError as exc:
+            log.error("startup failed", error=str(exc))
+            self.notifier.send(f"STATUS=startup failed: {exc}")
+            await self._close_transports()
+            return STARTUP_FAILURE
+        for warning in self.plan.warnings:
+            log.warning("plan", warning=warning)
+        self.scheduler = Scheduler(engine, self.plan, self.settings)
+        self.scheduler.start()
+        self.state = "ready"
+        for transport in self.transports:
+            on_ready = getattr(transport, "on_ready", None)
+            if on_ready is not None:
+                on_ready()
+        self._start_telemetry()
+        log.info("ready", load_s=round(time.monotonic() - self.started_at, 2),
+                 plan=self.plan.summary())
+        self.notifier.send("READY=1", f"STATUS=ready: {self.plan.summary()}")
+        await self._main_loop()
+        await self.shutdown()
+        return 0
+
+    def _start_telemetry(self) -> None:
+        """Telemetry and fleet configuration ride on the MQTT transport, when it is on."""
+        from edgeagent.fleet import Fleet
+        from edgeagent.transports.mqtt import MqttTransport
+
+        for transport in self.transports:
+            if isinstance(transport, MqttTransport) and transport.client is not None:
+                self.telemetry = Telemetry(self, transport)
+                self.telemetry.start()
+                transport.attach_fleet(Fleet(self, asyncio.get_running_loop()))
+
+    async def _main_loop(self) -> None:
+        interval = watchdog_interval()
+        tick = min(interval, 1.0) if interval else 1.0
+        last_ping = 0.0
+        while not self._exit.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._exit.wait(), timeout=tick)
+            now = time.monotonic()
+            if interval and now - last_ping >= interval and self.healthy():
+                self.notifier.send("WATCHDOG=1")
+                last_ping = now
+
+    def healthy(self) -> bool:
+        """The watchdog is pinged only while this holds: ready and the scheduler alive."""
+        return self.ready and self.scheduler is not None and self.scheduler.alive
+
+    async def shutdown(self) -> None:
+        self.state = "draining"
+        if self.telemetry is not None:
+            await asyncio.to_thread(self.telemetry.stop)
+        self.notifier.send("STOPPING=1", "STATUS=draining")
+        for transport in self.transports:
+            await transport.stop_accepting()
+        if self.scheduler is not None:
+            timeout = 0.0 if self._force_exit else self.settings.drain_timeout_s
+            left = await asyncio.to_thread(self.scheduler.drain, timeout)
+            if left:
+                log.warning("drain timeout: cancelled unfinished requests", cancelled=left)
+            self.scheduler.stop()
+        await self._close_transports()
+        log.info("stopped")
+
+    async def _close_transports(self) -> None:
+        for transport in self.transports:
+            try:
+                await transport.close()
+            except Exception:
+                log.exception("transport close failed", transport=transport.name)
+
+    # ------------------------------------------------------------ reload
+    async def reload(self) -> None:
+        """SIGHUP: read the configuration again and apply it."""
+        try:
+            new = load_settings(self.config_path)
+        except ConfigError as exc:
+            log.error("reload rejected; keeping the running configuration",
+                      errors=[f"{p}: {m}" for p, m in exc.errors])
+            return
+        await self.apply(new)
+
+    async def apply(self, new: Settings) -> str | None:
+        """Apply new settings: live where possible, a background model reload otherwise.
+
+        Returns None when applied, or why the model reload failed (the running model and
+        configuration are kept)."""
+        old = self.settings
+        logsetup.configure(new.log.level, new.log.format)
+        needs_reload = (
+            new.model_path != old.model_path
+            or new.model.verify != old.model.verify
+            or new.runtime != old.runtime
+            or new.limits.max_prompt_tokens != old.limits.max_prompt_tokens
+            or new.limits.min_output_tokens != old.limits.min_output_tokens
+        )
+        if needs_reload and self.scheduler is not None:
+            log.info("configuration needs a model reload; the current model keeps serving")
+            try:
+                engine, new_plan, manifest = await asyncio.to_thread(load_engine, new)
+            except StartupError as exc:
+                log.error("reload failed; keeping the running model", error=str(exc))
+                self.last_apply = "rolled_back"
+                return str(exc)
+            self.scheduler.swap_engine(engine, new_plan)
+            self.plan, self.manifest = new_plan, manifest
+            log.info("model reloaded", plan=new_plan.summary())
+        self.settings = new
+        if self.scheduler is not None:
+            self.scheduler.update_settings(new)
+        if self.telemetry is not None:
+            self.telemetry.interval_changed()
+        self.last_apply = "applied"
+        log.info("configuration applied")
+        return None
+
+
+def run(
+    config_path: Path | None,
+    transports: list[TransportFactory] | None = None,
+) -> int:
+    """Entry point of ``edgeagent run``: returns the process exit code."""
+    try:
+        settings = load_settings(config_path)
+    except ConfigError as exc:
+        logsetup.configure()
+        log.error("invalid configuration", source=exc.source,
+                  errors=[f"{p}: {m}" for p, m in exc.errors])
+        return STARTUP_FAILURE
+    logsetup.configure(settings.log.level, settings.log.format)
+    daemon = Daemon(settings, config_path, transports)
+    try:
+        import uvloop  # a faster event loop where it is installed
+    except ImportError:
+        return asyncio.run(daemon.run())
+    return int(uvloop.run(daemon.run()))

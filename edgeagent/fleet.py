@@ -1,0 +1,286 @@
+"""Fleet configuration pushes: desired -> validated -> persisted -> applied -> reported.
+
+A push is ``{"version": N, "settings": {...}, "signature": "..."}`` on
+``{prefix}/{device}/config/desired`` or ``{prefix}/group/{group}/config/desired``
+(retained). ``settings`` is a JSON merge patch over the TOML configuration; the device
+layer wins over the group layer. A push is validated in memory with the same settings
+models, checked against an allow-list (and an Ed25519 signature when
+``fleet.trusted_keys`` is set), persisted atomically as the overlay in ``state_dir``, then
+applied; a model that fails to load rolls back to the last good overlay. The outcome is
+reported, retained, on ``{prefix}/{device}/config/reported``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from edgeagent.manifest import write_json_atomic
+from edgeagent.settings import ConfigError, Settings, load_settings, merge_patch
+
+if TYPE_CHECKING:
+    from edgeagent.daemon import Daemon
+
+log = structlog.get_logger(__name__)
+
+#: What a push may set: a section (every key under it) or one dotted setting.
+ALLOWED = (
+    "telemetry.", "limits.", "profiles.", "log.level", "drain_timeout_s", "model.path",
+    "runtime.threads", "runtime.context_length", "runtime.max_batch",
+    "runtime.auto_context_cap", "runtime.auto_max_batch_cap", "runtime.batch_window_ms",
+    "runtime.memory_headroom_mb",
+)
+LAYERS = ("group", "device")
+
+
+class PushError(Exception):
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("; ".join(errors))
+        self.errors = errors
+
+
+def canonical(doc: dict[str, Any]) -> bytes:
+    """The bytes a signature covers: the push without its signature, canonical JSON."""
+    body = {k: v for k, v in doc.items() if k != "signature"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign(doc: dict[str, Any], key: Ed25519PrivateKey) -> str:
+    return base64.b64encode(key.sign(canonical(doc))).decode()
+
+
+def _leaves(patch: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key, value in patch.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.extend(_leaves(value, path + "."))
+        else:
+            out.append(path)
+    return out
+
+
+def check_push(doc: Any, trusted: list[Path]) -> tuple[int, dict[str, Any]]:
+    """(version, settings patch) of a well-formed, allowed, (signed) push; else PushError."""
+    if not isinstance(doc, dict):
+        raise PushError(["(push): must be a JSON object"])
+    unknown = set(doc) - {"version", "settings", "signature"}
+    errors = [f"{k}: unknown field" for k in sorted(unknown)]
+    version = doc.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        errors.append("version: must be a non-negative integer")
+    patch = doc.get("settings")
+    if not isinstance(patch, dict):
+        errors.append("settings: must be an object")
+        patch = {}
+    for path in _leaves(patch):
+        if not any(path == a or path.startswith(a) for a in ALLOWED):
+            errors.append(f"settings.{path}: not settable by the fleet")
+    if trusted:
+        errors.extend(_signature_errors(doc, trusted))
+    if errors:
+        raise PushError(errors)
+    assert isinstance(version, int)
+    return version, patch
+
+
+def _signature_errors(doc: dict[str, Any], trusted: list[Path]) -> list[str]:
+    signature = doc.get("signature")
+    if not isinstance(signature, str):
+        return ["signature: required (fleet.trusted_keys is set)"]
+    try:
+        raw = base64.b64decode(signature, validate=True)
+    except ValueError:
+        return ["signature: not base64"]
+    for path in trusted:
+        key = serialization.load_pem_public_key(path.read_bytes())
+        if not isinstance(key, Ed25519PublicKey):
+            continue
+        try:
+            key.verify(raw, canonical(doc))
+            return []
+        except InvalidSignature:
+            continue
+    return ["signature: does not verify with any trusted key"]
+
+
+class Fleet:
+    """Handles pushes for one daemon; runs on the daemon's event loop."""
+
+    def __init__(self, daemon: Daemon, loop: asyncio.AbstractEventLoop) -> None:
+        self.daemon = daemon
+        self.loop = loop
+        self._lock = asyncio.Lock()
+
+    def topics(self) -> dict[str, str]:
+        s = self.daemon.settings
+        out = {"device": f"{s.mqtt.topic_prefix}/{s.device_id}/config/desired",
+               "reported": f"{s.mqtt.topic_prefix}/{s.device_id}/config/reported"}
+        if s.fleet.group:
+            out["group"] = f"{s.mqtt.topic_prefix}/group/{s.fleet.group}/config/desired"
+        return out
+
+    def on_message(self, topic: str, payload: bytes, publish: Any) -> None:
+        """From the MQTT thread: hand the push to the event loop, one at a time."""
+        layer = next((name for name, t in self.topics().items()
+                      if t == topic and name in LAYERS), None)
+        if layer is None:
+            return
+        asyncio.run_coroutine_threadsafe(self._handle(layer, payload, publish), self.loop)
+
+    def _overlay_doc(self) -> dict[str, Any]:
+        path = self.daemon.settings.overlay_path
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {"version": 0, "settings": {}, "layers": {}}
+        return doc if isinstance(doc, dict) else {"version": 0, "settings": {}, "layers": {}}
+
+    async def _handle(self, layer: str, payload: bytes, publish: Any) -> None:
+        async with self._lock:
+            report = await self._apply(layer, payload)
+        if report is not None:
+            report.update(layer=layer, ts=time.time(),
+                          hash=self.daemon.config_status()["hash"])
+            publish(self.topics()["reported"], json.dumps(report))
+            log.info("fleet push", **{k: v for k, v in report.items() if k != "ts"})
+
+    async def _apply(self, layer: str, payload: bytes) -> dict[str, Any] | None:
+        daemon = self.daemon
+        settings = daemon.settings
+        try:
+            doc = json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            daemon.last_apply = "rejected"
+            return {"version": None, "status": "rejected", "errors": [f"(push): {exc}"]}
+        try:
+            version, patch = check_push(doc, settings.fleet.trusted_keys)
+        except PushError as exc:
+            daemon.last_apply = "rejected"
+            return {"version": doc.get("version") if isinstance(doc, dict) else None,
+                    "status": "rejected", "errors": exc.errors}
+        current = self._overlay_doc()
+        layers: dict[str, Any] = dict(current.get("layers") or {})
+        applied = layers.get(layer) or {}
+        if version <= int(applied.get("version", -1)):
+            if version == applied.get("version") and patch == applied.get("settings"):
+                return None  # the same retained push delivered again: nothing to say
+            return {"version": version, "status": "stale",
+                    "errors": [f"version {version} is not newer than the applied "
+                               f"{applied.get('version')}"]}
+        layers[layer] = {"version": version, "settings": patch}
+        effective: dict[str, Any] = {}
+        for name in LAYERS:  # group first, the device layer wins
+            if name in layers:
+                effective = merge_patch(effective, layers[name]["settings"])
+        try:
+            new = load_settings(daemon.config_path, use_overlay=False, overrides=effective)
+        except ConfigError as exc:
+            daemon.last_apply = "rejected"
+            return {"version": version, "status": "rejected",
+                    "errors": [f"settings.{p}: {m}" for p, m in exc.errors]}
+        model_error = _model_outside(new) if "path" in (effective.get("model") or {}) else None
+        if model_error:
+            daemon.last_apply = "rejected"
+            return {"version": version, "status": "rejected", "errors": [model_error]}
+        new_doc = {"version": max(int(v["version"]) for v in layers.values()),
+                   "settings": effective, "layers": layers}
+        try:
+            settings.state_dir.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(write_json_atomic, settings.overlay_path, new_doc)
+        except OSError as exc:
+            daemon.last_apply = "rejected"
+            return {"version": version, "status": "rejected",
+                    "errors": [f"(persist): {exc.strerror or exc}"]}
+        failure = await daemon.apply(new)
+        if failure is not None:
+            await asyncio.to_thread(write_json_atomic, settings.overlay_path, current)
+            return {"version": version, "status": "rolled_back", "errors": [failure]}
+        return {"version": version, "status": "applied", "errors": []}
+
+
+def _model_outside(new: Settings) -> str | None:
+    if new.model.path is None:
+        return None
+    models = new.models_dir.resolve()
+    path = new.model.path.resolve()
+    if models not in path.parents:
+        return f"settings.model.path: must be inside {models}"
+    return None
+
+
+# ---------------------------------------------------------------- operator commands
+def keygen_main(prefix: Path) -> int:
+    """Write ``PREFIX.key`` (private, 0600) and ``PREFIX.pub`` (for fleet.trusted_keys)."""
+    key = Ed25519PrivateKey.generate()
+    private = prefix.with_suffix(".key")
+    public = prefix.with_suffix(".pub")
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    private.chmod(0o600)
+    public.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    print(f"private key: {private}\npublic key:  {public} (list it in fleet.trusted_keys)")
+    return 0
+
+
+def push_main(url: str, target: str, is_group: bool, file: Path, sign_key: Path | None,
+              prefix: str, timeout: float) -> int:
+    """Publish a push, retained; for one device, wait for its report and print it."""
+    import queue
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edgeagent.transports.mqtt import broker_address
+
+    doc = json.loads(file.read_text(encoding="utf-8"))
+    if sign_key is not None:
+        key = serialization.load_pem_private_key(sign_key.read_bytes(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            print("error: --sign needs an Ed25519 private key", flush=True)
+            return 2
+        doc["signature"] = sign(doc, key)
+    desired = (f"{prefix}/group/{target}/config/desired" if is_group
+               else f"{prefix}/{target}/config/desired")
+    reported = f"{prefix}/{target}/config/reported"
+    settings = Settings(mqtt={"url": url})
+    host, port = broker_address(settings.mqtt)
+    inbox: queue.Queue[dict[str, Any]] = queue.Queue()
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                         protocol=mqtt.MQTTv5)
+    # a retained report is an old one: wait for the answer to this push
+    client.on_message = lambda _c, _u, m: None if m.retain else inbox.put(json.loads(m.payload))
+    client.connect(host, port)
+    client.loop_start()
+    try:
+        if not is_group:
+            client.subscribe(reported, qos=1)
+        client.publish(desired, json.dumps(doc), qos=1, retain=True).wait_for_publish(10)
+        print(f"pushed version {doc.get('version')} to {desired}")
+        if is_group:
+            return 0
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                report = inbox.get(timeout=left)
+            except queue.Empty:
+                break
+            if report.get("version") == doc.get("version"):
+                print(json.dumps(report, indent=2))
+                return 0 if report.get("status") == "applied" else 1
+        print(f"no report for version {doc.get('version')} within {timeout}s")
+        return 1
+    finally:
+        client.disconnect()
+        client.loop_stop()

@@ -1,0 +1,577 @@
+"""The planner: threads, context length, batch and prompt limit for this machine and model.
+
+:func:`plan` is pure (no I/O): it takes the probed :class:`~edgeagent.probe.Hardware`, the
+model's :class:`ModelMeta` and the settings, and returns a :class:`Plan` whose every choice
+carries its reason, or raises a :class:`PlanError` naming the numbers. The memory budget::
+
+    weights + kv_bytes_per_token * context_length * max_batch + logits + headroom <= available
+
+where *available* is the probe's effective available memory (MemAvailable, bounded by the
+cgroup limit less the cgroup's working set), or the total when that is unknown. The KV cache
+is counted at its full size up front: onnxruntime-genai's CPU GroupQueryAttention models
+share one past/present buffer of ``max_length`` per sequence, allocated when a sequence starts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeagent.probe import Hardware, format_cpu_list
+from edgeagent.settings import LimitsSettings, RuntimeSettings
+
+MB = 2**20
+GB = 2**30
+
+#: Automatic context lengths are multiples of this.
+CONTEXT_GRANULARITY = 256
+
+#: Logits, in float32 vocabulary rows: og.Engine prefills a prompt in one run and the model
+#: (built without a pruned LM head, which og.Engine's static batching cannot use) returns a
+#: row for every prompt position, so a sequence can need a row per context token, plus one
+#: row that sampling keeps (docs/engine-notes.md). For SmolLM2 that is 192 KB a token, more
+#: than its KV cache.
+LOGITS_EXTRA_ROWS_PER_SEQUENCE = 1
+LOGITS_BYTES_PER_ELEMENT = 4
+
+MANIFEST_FILE = "edgeagent-manifest.json"
+GENAI_CONFIG_FILE = "genai_config.json"
+
+#: File name endings counted as model weights.
+WEIGHT_SUFFIXES = (".onnx", ".onnx.data", ".onnx_data", ".data", ".ort", ".bin")
+
+
+class PlanError(Exception):
+    """A model or a setting that cannot run on this machine; the message names the numbers."""
+
+
+def _fmt(n: int | float) -> str:
+    """Bytes as ``"1.6 GB"``, ``"900 MB"`` or ``"0.4 MB"`` (binary units)."""
+    if abs(n) >= GB:
+        return f"{n / GB:.1f} GB"
+    if abs(n) >= 10 * MB or n == 0:
+        return f"{round(n / MB)} MB"
+    return f"{n / MB:.1f} MB"
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What the planner needs to know about a model."""
+
+    name: str
+    num_hidden_layers: int
+    num_key_value_heads: int
+    head_size: int
+    vocab_size: int
+    #: The model's own context limit (genai_config ``model.context_length``).
+    max_context: int
+    weights_bytes: int
+    #: Bytes per KV cache element: 4 for this model's float32 CPU cache.
+    kv_bytes_per_element: int = 4
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_hidden_layers",
+            "num_key_value_heads",
+            "head_size",
+            "vocab_size",
+            "max_context",
+            "kv_bytes_per_element",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PlanError(
+                    f"model {self.name}: {name} must be a positive integer, got {value!r}"
+                )
+        if self.weights_bytes < 0:
+            raise PlanError(f"model {self.name}: weights_bytes must be >= 0")
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Keys and values of every layer for one token of one sequence."""
+        return (
+            2
+            * self.num_hidden_layers
+            * self.num_key_value_heads
+            * self.head_size
+            * self.kv_bytes_per_element
+        )
+
+    @classmethod
+    def from_folder(cls, path: Path) -> ModelMeta:
+        """Read ``genai_config.json`` (and ``edgeagent-manifest.json`` when present)."""
+        config_path = path / GENAI_CONFIG_FILE
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise PlanError(
+                f"{config_path} does not exist: not an onnxruntime-genai model folder"
+            ) from exc
+        except (OSError, ValueError) as exc:
+            raise PlanError(f"{config_path} cannot be read: {exc}") from exc
+
+        def get(*keys: str) -> Any:
+            node: Any = config
+            for key in keys:
+                if not isinstance(node, dict) or key not in node:
+                    return None
+                node = node[key]
+            return node
+
+        def need_int(*keys: str, fallback: Any = None) -> int:
+            value = get(*keys)
+            if value is None:
+                value = fallback
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PlanError(
+                    f"{config_path}: {'.'.join(keys)} must be a positive integer, got {value!r}"
+                )
+            return value
+
+        heads = get("model", "decoder", "num_attention_heads")
+        hidden = get("model", "decoder", "hidden_size")
+        head_size_fallback = (
+            hidden // heads
+            if isinstance(hidden, int) and isinstance(heads, int) and heads > 0
+            else None
+        )
+        kv_bytes = 4
+        manifest_path = path / MANIFEST_FILE
+        if manifest_path.exists():
+            try:
+                manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise PlanError(f"{manifest_path} cannot be read: {exc}") from exc
+            layout = manifest.get("kv_layout") if isinstance(manifest, dict) else None
+            if isinstance(layout, dict) and "bytes_per_element" in layout:
+                value = layout["bytes_per_element"]
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise PlanError(
+                        f"{manifest_path}: kv_layout.bytes_per_element must be a positive "
+                        f"integer, got {value!r}"
+                    )
+                kv_bytes = value
+
+        model_type = get("model", "type")
+        return cls(
+            name=model_type if isinstance(model_type, str) and model_type else path.name,
+            num_hidden_layers=need_int("model", "decoder", "num_hidden_layers"),
+            num_key_value_heads=need_int(
+                "model", "decoder", "num_key_value_heads", fallback=heads
+            ),
+            head_size=need_int("model", "decoder", "head_size", fallback=head_size_fallback),
+            vocab_size=need_int("model", "vocab_size"),
+            max_context=need_int("model", "context_length"),
+            weights_bytes=_weights_bytes(path),
+            kv_bytes_per_element=kv_bytes,
+        )
+
+
+def _weights_bytes(path: Path) -> int:
+    total = 0
+    for entry in path.iterdir():
+        if entry.name.endswith(WEIGHT_SUFFIXES) and entry.is_file():
+            total += entry.stat().st_size
+    return total
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the model runs here, and why; the memory account is in bytes."""
+
+    threads: int
+    context_length: int
+    max_batch: int
+    provider: str
+    max_prompt_tokens: int
+    available_bytes: int
+    weights_bytes: int
+    kv_bytes_per_token: int
+    kv_bytes: int
+    logits_bytes: int
+    headroom_bytes: int
+    total_bytes: int
+    #: Choice -> why: "threads", "context_length", "max_batch", "max_prompt_tokens",
+    #: "provider", "memory".
+    reasons: dict[str, str] = field(default_factory=dict)
+    #: Settings kept although they look wrong (e.g. more threads than CPUs); log them.
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def spare_bytes(self) -> int:
+        return self.available_bytes - self.total_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["warnings"] = list(self.warnings)
+        out["spare_bytes"] = self.spare_bytes
+        return out
+
+    def summary(self) -> str:
+        """One line for logs and sd_notify STATUS."""
+        return (
+            f"threads={self.threads} context={self.context_length} batch={self.max_batch} "
+            f"max_prompt={self.max_prompt_tokens} kv={_fmt(self.kv_bytes)} "
+            f"spare={_fmt(self.spare_bytes)}"
+        )
+
+    def describe(self) -> str:
+        """What ``edgeagent plan`` prints: each choice with its reason, then the memory."""
+        rows = [
+            ("threads", str(self.threads)),
+            ("context_length", str(self.context_length)),
+            ("max_batch", str(self.max_batch)),
+            ("max_prompt_tokens", str(self.max_prompt_tokens)),
+            ("provider", self.provider),
+        ]
+        width = max(len(name) for name, _ in rows)
+        vwidth = max(len(value) for _, value in rows)
+        lines = [
+            f"{name:<{width}}  {value:>{vwidth}}  {self.reasons.get(name, '')}".rstrip()
+            for name, value in rows
+        ]
+        mb = MB
+        lines.append(f"memory in MB (available: {self.reasons.get('memory', 'unknown')}):")
+        account = [
+            ("available", self.available_bytes, ""),
+            ("weights", self.weights_bytes, ""),
+            (
+                "KV cache",
+                self.kv_bytes,
+                f"{self.kv_bytes_per_token} B/token x {self.context_length} tokens "
+                f"x batch {self.max_batch}",
+            ),
+            (
+                "logits",
+                self.logits_bytes,
+                f"prefill: {self.context_length} + {LOGITS_EXTRA_ROWS_PER_SEQUENCE} vocab rows "
+                f"x batch {self.max_batch}",
+            ),
+            ("headroom", self.headroom_bytes, "runtime.memory_headroom_mb"),
+            ("total", self.total_bytes, "weights + KV cache + logits + headroom"),
+            ("spare", self.spare_bytes, ""),
+        ]
+        for label, value, note in account:
+            text = f"  {label:<10} {value / mb:>10.1f}"
+            lines.append(f"{text}  {note}" if note else text)
+        lines.extend(f"warning: {w}" for w in self.warnings)
+        return "\n".join(lines)
+
+
+def genai_overlay(plan: Plan) -> dict[str, Any]:
+    """The onnxruntime-genai config overlay for ``og.Config.overlay()``."""
+    return {
+        "model": {
+            "decoder": {"session_options": {"intra_op_num_threads": plan.threads}},
+        },
+        "search": {"max_length": plan.context_length},
+        # og.Engine's static batch scheduler holds up to this many sequences (default 4).
+        "engine": {"static_batching": {"max_batch_size": plan.max_batch}},
+    }
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _choose_threads(hw: Hardware, runtime: RuntimeSettings) -> tuple[int, str, list[str]]:
+    allowed = len(hw.affinity) if hw.affinity else None
+    quota = hw.cpu_quota_threads
+    facts: list[str] = []
+    if hw.physical_cores is not None:
+        facts.append(
+            f"{hw.physical_cores} physical cores"
+            if hw.topology_known
+            else f"{hw.physical_cores} CPUs (core topology unknown)"
+        )
+    elif hw.logical_cpus is not None:
+        facts.append(f"{hw.logical_cpus} logical CPUs")
+    else:
+        facts.append("CPU count unknown")
+    if hw.affinity:
+        on_cores = (
+            f" on {hw.affinity_cores} cores"
+            if hw.affinity_cores is not None and hw.topology_known
+            else ""
+        )
+        facts.append(f"affinity {format_cpu_list(hw.affinity)} ({allowed} CPUs{on_cores})")
+    else:
+        facts.append("affinity unknown")
+    facts.append(
+        f"CPU quota {hw.cpu_quota_cores:g} cores" if hw.cpu_quota_cores is not None
+        else "no CPU quota"
+    )
+    context = ", ".join(facts)
+
+    if runtime.threads != "auto":
+        threads = runtime.threads
+        if threads < 1:
+            raise PlanError(f"runtime.threads={threads} must be at least 1 (or \"auto\")")
+        limit_candidates = [
+            v for v in (allowed or hw.logical_cpus, quota) if v is not None
+        ]
+        limit = min(limit_candidates) if limit_candidates else None
+        if limit is not None and threads > limit:
+            warning = (
+                f"runtime.threads={threads} is more than the {limit} CPUs this process may use "
+                f"({context}); threads will compete and decoding will slow down"
+            )
+            return threads, f"runtime.threads (warning: only {limit} CPUs allowed; {context})", [
+                warning
+            ]
+        return threads, f"runtime.threads ({context})", []
+
+    physical = hw.physical_cores if hw.physical_cores is not None else hw.logical_cpus
+    candidates = [v for v in (physical, allowed, hw.affinity_cores, quota) if v is not None]
+    threads = max(1, min(candidates)) if candidates else 1
+    return threads, f"auto: {context}", []
+
+
+def _logits_bytes(meta: ModelMeta, batch: int, context: int) -> int:
+    rows = context + LOGITS_EXTRA_ROWS_PER_SEQUENCE
+    return meta.vocab_size * LOGITS_BYTES_PER_ELEMENT * rows * batch
+
+
+def _per_token(meta: ModelMeta, batch: int) -> int:
+    """Bytes one more context token costs: its KV cache and its prefill logits row."""
+    return (meta.kv_bytes_per_token + meta.vocab_size * LOGITS_BYTES_PER_ELEMENT) * batch
+
+
+def _largest_context(room: int, meta: ModelMeta, batch: int, ceiling: int) -> int:
+    """The largest context <= ceiling whose KV cache for ``batch`` fits ``room`` (0: none).
+
+    The ceiling (model limit or cap) is taken as is when it fits; a memory-limited context
+    is rounded down to a multiple of CONTEXT_GRANULARITY, so below one step nothing fits.
+    """
+    room_kv = room - _logits_bytes(meta, batch, 0)
+    if room_kv <= 0:
+        return 0
+    fits = room_kv // _per_token(meta, batch)
+    if fits >= ceiling:
+        return ceiling
+    return (fits // CONTEXT_GRANULARITY) * CONTEXT_GRANULARITY
+
+
+def _need(meta: ModelMeta, context: int, batch: int) -> int:
+    return meta.kv_bytes_per_token * context * batch + _logits_bytes(meta, batch, context)
+
+
+def plan(
+    hw: Hardware, meta: ModelMeta, runtime: RuntimeSettings, limits: LimitsSettings
+) -> Plan:
+    """Size the runtime to this machine; raises PlanError when the settings cannot fit.
+
+    Automatic choices, in order: threads from the CPUs; then, when both context and batch
+    are automatic, the batch shrinks first (down to 1) to keep the full context
+    (min(model limit, runtime.auto_context_cap)), and only then does the context shrink, in
+    steps of 256 tokens. Explicit settings always win, but are checked against the model and
+    the memory budget.
+    """
+    reasons: dict[str, str] = {}
+    threads, reasons["threads"], warnings = _choose_threads(hw, runtime)
+
+    # ---- memory available
+    headroom = runtime.memory_headroom_mb * MB
+    effective = hw.effective_available_bytes
+    if effective is not None:
+        available = effective
+        if hw.cgroup_memory_limit_bytes is not None and (
+            hw.mem_available_bytes is None or available < hw.mem_available_bytes
+        ):
+            in_use = hw.cgroup_memory_limit_bytes - available
+            memory_source = (
+                f"cgroup limit {_fmt(hw.cgroup_memory_limit_bytes)} less {_fmt(in_use)} in use"
+            )
+        else:
+            memory_source = "MemAvailable"
+            if hw.cgroup_memory_limit_bytes is not None:
+                memory_source += f"; cgroup limit {_fmt(hw.cgroup_memory_limit_bytes)} not binding"
+    elif hw.mem_total_bytes is not None:
+        available = hw.mem_total_bytes
+        memory_source = "MemTotal: available memory unknown"
+    else:
+        raise PlanError(
+            "cannot plan: neither the available nor the total memory of this machine is known "
+            "(/proc/meminfo unreadable)"
+        )
+    room = available - meta.weights_bytes - headroom  # for KV cache and logits
+    after = (
+        f"after the {_fmt(meta.weights_bytes)} of weights and {_fmt(headroom)} headroom "
+        f"out of {_fmt(available)} available ({memory_source})"
+    )
+    left = (
+        f"only {_fmt(room)} are left {after}"
+        if room > 0
+        else f"nothing is left {after}"
+    )
+
+    # ---- model-side limits and explicit values
+    ceiling = min(meta.max_context, runtime.auto_context_cap)
+    ceiling_why = (
+        f"the model's limit {meta.max_context}"
+        if meta.max_context <= runtime.auto_context_cap
+        else f"runtime.auto_context_cap={runtime.auto_context_cap}, below the model's "
+        f"{meta.max_context}"
+    )
+    if runtime.context_length != "auto":
+        ctx = runtime.context_length
+        if ctx < 2:
+            raise PlanError(f"runtime.context_length={ctx} must be at least 2 (or \"auto\")")
+        if ctx > meta.max_context:
+            raise PlanError(
+                f"runtime.context_length={ctx} is above the model's limit of "
+                f"{meta.max_context} tokens ({meta.name}); lower runtime.context_length"
+            )
+    if runtime.max_batch != "auto" and runtime.max_batch < 1:
+        raise PlanError(
+            f"runtime.max_batch={runtime.max_batch} must be at least 1 (or \"auto\")"
+        )
+
+    def no_room(what: str, context: int, batch: int) -> PlanError:
+        need = _need(meta, context, batch)
+        return PlanError(
+            f"{what} needs {_fmt(need)} of KV cache and logits "
+            f"({_per_token(meta, 1)} B/token x {context} tokens x {batch}), but {left}"
+        )
+
+    # ---- context and batch
+    if runtime.context_length != "auto" and runtime.max_batch != "auto":
+        ctx, batch = runtime.context_length, runtime.max_batch
+        if _need(meta, ctx, batch) > room:
+            raise PlanError(
+                str(no_room(f"runtime.context_length={ctx} with runtime.max_batch={batch}", ctx,
+                            batch))
+                + "; lower runtime.context_length or runtime.max_batch"
+            )
+        reasons["context_length"] = f"runtime.context_length (fits with max_batch={batch})"
+        reasons["max_batch"] = "runtime.max_batch (fits in memory)"
+    elif runtime.context_length != "auto":
+        ctx = runtime.context_length
+        batch = 0
+        for b in range(runtime.auto_max_batch_cap, 0, -1):
+            if _need(meta, ctx, b) <= room:
+                batch = b
+                break
+        if batch == 0:
+            raise PlanError(
+                str(no_room(f"runtime.context_length={ctx} even with max_batch=1", ctx, 1))
+                + "; lower runtime.context_length"
+            )
+        reasons["context_length"] = f"runtime.context_length (fits with max_batch={batch})"
+        reasons["max_batch"] = (
+            f"auto: runtime.auto_max_batch_cap={batch}"
+            if batch == runtime.auto_max_batch_cap
+            else f"auto: memory-limited to {batch} of runtime.auto_max_batch_cap="
+            f"{runtime.auto_max_batch_cap} at {ctx} tokens ({_fmt(room)} are left {after})"
+        )
+    elif runtime.max_batch != "auto":
+        batch = runtime.max_batch
+        ctx = _largest_context(room, meta, batch, ceiling)
+        if ctx == 0:
+            smallest = min(ceiling, CONTEXT_GRANULARITY)
+            raise PlanError(
+                str(no_room(f"runtime.max_batch={batch} at the smallest context ({smallest})",
+                            smallest, batch))
+                + "; lower runtime.max_batch, free memory or lower runtime.memory_headroom_mb"
+            )
+        reasons["max_batch"] = "runtime.max_batch (fits in memory)"
+        reasons["context_length"] = (
+            f"auto: {ceiling_why}"
+            if ctx == ceiling
+            else f"auto: memory-limited to {ctx} tokens with max_batch={batch} "
+            f"({ceiling_why} would need {_fmt(_need(meta, ceiling, batch))} of KV cache and "
+            f"logits; {_fmt(room)} are left {after})"
+        )
+    else:
+        cap = runtime.auto_max_batch_cap
+        full = _largest_context(room, meta, 1, ceiling) == ceiling
+        if full:
+            batch = max(b for b in range(1, cap + 1) if _need(meta, ceiling, b) <= room)
+            ctx = ceiling
+            reasons["context_length"] = f"auto: {ceiling_why}"
+            reasons["max_batch"] = (
+                f"auto: runtime.auto_max_batch_cap={cap}"
+                if batch == cap
+                else f"auto: memory-limited to {batch} of runtime.auto_max_batch_cap={cap} "
+                f"(the batch shrinks before the context; {_fmt(room)} are left {after})"
+            )
+        else:
+            batch = 1
+            ctx = _largest_context(room, meta, 1, ceiling)
+            if ctx == 0:
+                smallest = min(ceiling, CONTEXT_GRANULARITY)
+                total = meta.weights_bytes + _need(meta, smallest, 1) + headroom
+                raise PlanError(
+                    f"model {meta.name} does not fit: {_fmt(meta.weights_bytes)} of weights + "
+                    f"{_fmt(_need(meta, smallest, 1))} of KV cache and logits for {smallest} "
+                    f"tokens + {_fmt(headroom)} headroom = {_fmt(total)}, but only "
+                    f"{_fmt(available)} are available ({memory_source}); free memory, raise the "
+                    "cgroup memory limit, lower runtime.memory_headroom_mb or use a smaller model"
+                )
+            reasons["max_batch"] = (
+                f"auto: memory-limited to 1 sequence (cap {cap}; the batch shrinks before "
+                "the context)"
+            )
+            reasons["context_length"] = (
+                f"auto: memory-limited to {ctx} tokens ({ceiling_why} would need "
+                f"{_fmt(_need(meta, ceiling, 1))} of KV cache and logits; {_fmt(room)} are left "
+                f"{after})"
+            )
+
+    # ---- prompt limit
+    if limits.max_prompt_tokens == "auto":
+        max_prompt = max(ctx - limits.min_output_tokens, ctx // 2)
+        reasons["max_prompt_tokens"] = (
+            f"auto: context {ctx} less limits.min_output_tokens={limits.min_output_tokens}"
+            if max_prompt == ctx - limits.min_output_tokens
+            else f"auto: half the context {ctx} (limits.min_output_tokens="
+            f"{limits.min_output_tokens} would leave less)"
+        )
+    else:
+        max_prompt = limits.max_prompt_tokens
+        if not 1 <= max_prompt < ctx:
+            raise PlanError(
+                f"limits.max_prompt_tokens={max_prompt} must be at least 1 and below the context "
+                f"length {ctx}, to leave room for output; lower limits.max_prompt_tokens"
+            )
+        reasons["max_prompt_tokens"] = f"limits.max_prompt_tokens (context {ctx})"
+
+    reasons["provider"] = "runtime.provider"
+    kv = meta.kv_bytes_per_token * ctx * batch
+    logits = _logits_bytes(meta, batch, ctx)
+    total = meta.weights_bytes + kv + logits + headroom
+    reasons["memory"] = memory_source
+    return Plan(
+        threads=threads,
+        context_length=ctx,
+        max_batch=batch,
+        provider=runtime.provider,
+        max_prompt_tokens=max_prompt,
+        available_bytes=available,
+        weights_bytes=meta.weights_bytes,
+        kv_bytes_per_token=meta.kv_bytes_per_token,
+        kv_bytes=kv,
+        logits_bytes=logits,
+        headroom_bytes=headroom,
+        total_bytes=total,
+        reasons=reasons,
+        warnings=tuple(warnings),
+    )
+
+
+__all__ = [
+    "CONTEXT_GRANULARITY",
+    "LOGITS_EXTRA_ROWS_PER_SEQUENCE",
+    "ModelMeta",
+    "Plan",
+    "PlanError",
+    "genai_overlay",
+    "plan",
+]

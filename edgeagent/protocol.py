@@ -1,0 +1,406 @@
+"""The request schema every transport speaks: OpenAI chat and text completions.
+
+This module turns a validated request into what the scheduler runs (prompt tokens, sampling,
+guidance) and turns results back into OpenAI's response shapes. It knows nothing of HTTP or
+MQTT; both transports use it, so both accept exactly the same requests and profiles.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from edgeagent.engine import Engine, Sampling
+from edgeagent.scheduler import AdmissionError
+from edgeagent.settings import ProfileSettings, Settings
+
+MODEL_PREFIX = "edgeagent"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InvalidRequest(AdmissionError):
+    status = 400
+    code = "invalid_request_error"
+
+
+class ModelNotFound(AdmissionError):
+    status = 404
+    code = "model_not_found"
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(Strict):
+    name: str
+    arguments: str
+
+
+class ToolCall(Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class FunctionDef(Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+    strict: bool | None = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(Strict):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class SamplingFields(Strict):
+    """Fields shared by chat and text completions."""
+
+    model: str = MODEL_PREFIX
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    min_tokens: int | None = Field(default=None, ge=0, le=1_000_000,
+                                   description="vLLM extension: no end of sequence before it.")
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0, description="Extension: top-k sampling.")
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=1, description="Only one choice is supported.")
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return value
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[Message] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    response_format: ResponseFormat | None = None
+    parallel_tool_calls: bool | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str
+    echo: bool = False
+
+
+@dataclass
+class Prepared:
+    """A request ready for the scheduler, and what is needed to render its answer."""
+
+    id: str
+    model: str
+    created: int
+    prompt_tokens: Any  # np.ndarray
+    sampling: Sampling
+    guidance: tuple[str, str] | None
+    tool_mode: bool  # the output is our tool envelope, parsed at the end
+    include_usage: bool
+
+
+# -------------------------------------------------------------- profiles
+def model_ids(settings: Settings) -> list[str]:
+    return [MODEL_PREFIX] + [f"{MODEL_PREFIX}:{name}" for name in settings.profiles]
+
+
+def resolve_profile(model: str, settings: Settings, model_id: str) -> ProfileSettings:
+    """``edgeagent`` (or the model's own id) is the plain model; ``edgeagent:X`` profile X."""
+    if model in (MODEL_PREFIX, model_id, ""):
+        return ProfileSettings()
+    if model.startswith(MODEL_PREFIX + ":"):
+        name = model.split(":", 1)[1]
+        if name in settings.profiles:
+            return settings.profiles[name]
+    raise ModelNotFound(
+        f"unknown model {model!r}; available: {', '.join(model_ids(settings))}"
+    )
+
+
+# -------------------------------------------------------------- tools
+def _closed(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema with ``additionalProperties: false`` on every object without one."""
+    out = dict(schema)
+    if out.get("type") == "object" or "properties" in out:
+        out.setdefault("additionalProperties", False)
+        if "properties" in out:
+            out["properties"] = {k: _closed(v) if isinstance(v, dict) else v
+                                 for k, v in out["properties"].items()}
+    if isinstance(out.get("items"), dict):
+        out["items"] = _closed(out["items"])
+    return out
+
+
+def _call_schema(tool: Tool) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {
+            "name": {"const": tool.function.name},
+            "arguments": _closed(tool.function.parameters),
+        },
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
+
+
+def tool_guidance(req: ChatCompletionRequest) -> tuple[dict[str, Any], list[Tool]] | None:
+    """The JSON schema the answer must follow when tools are offered, or None.
+
+    The model answers in an envelope: ``{"tool_calls": [{"name", "arguments"}]}`` or, when
+    tool_choice is auto, ``{"content": "..."}``. The daemon parses it into OpenAI's shape.
+    """
+    if not req.tools or req.tool_choice == "none":
+        return None
+    tools = req.tools
+    if isinstance(req.tool_choice, NamedToolChoice):
+        tools = [t for t in tools if t.function.name == req.tool_choice.function.name]
+        if not tools:
+            raise InvalidRequest(
+                f"tool_choice names {req.tool_choice.function.name!r}, which is not in tools",
+                "tool_choice")
+    call = {"anyOf": [_call_schema(t) for t in tools]} if len(tools) > 1 else _call_schema(
+        tools[0])
+    calls = {
+        "type": "object",
+        "properties": {"tool_calls": {"type": "array", "items": call, "minItems": 1,
+                                      "maxItems": 1 if req.parallel_tool_calls is False else 4}},
+        "required": ["tool_calls"],
+        "additionalProperties": False,
+    }
+    if req.tool_choice in (None, "auto"):
+        text = {"type": "object", "properties": {"content": {"type": "string"}},
+                "required": ["content"], "additionalProperties": False}
+        return {"anyOf": [calls, text]}, tools
+    return calls, tools
+
+
+def json_guidance(schema: dict[str, Any]) -> tuple[str, str]:
+    """onnxruntime-genai guidance for a JSON schema, compact: no free whitespace, so the
+    model spends its tokens on content."""
+    compact = {**schema, "x-guidance": {"whitespace_flexible": False}}
+    return "json_schema", json.dumps(compact)
+
+
+def _tools_system_prompt(tools: list[Tool], may_answer: bool) -> str:
+    lines = ["You can call these functions:"]
+    for t in tools:
+        lines.append(json.dumps({"name": t.function.name, "description": t.function.description
+                                 or "", "parameters": t.function.parameters}))
+    lines.append('To call one, answer with JSON: {"tool_calls": [{"name": ..., "arguments": '
+                 '{...}}]}.')
+    if may_answer:
+        lines.append('To answer without a call, answer with JSON: {"content": "..."}.')
+    return "\n".join(lines)
+
+
+def parse_tool_envelope(text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
+    """(content, tool_calls in OpenAI's shape) from the guided envelope."""
+    doc = json.loads(text)
+    if "tool_calls" in doc:
+        calls = [
+            {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
+            for c in doc["tool_calls"]
+        ]
+        return None, calls
+    return str(doc.get("content", "")), None
+
+
+# -------------------------------------------------------------- preparing
+def _sampling(req: SamplingFields, profile: ProfileSettings, prompt_len: int,
+              settings: Settings, context_length: int) -> Sampling:
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    if max_tokens is None:
+        max_tokens = min(profile.max_tokens or settings.limits.default_max_tokens,
+                         max(1, context_length - prompt_len))
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    temperature = req.temperature if req.temperature is not None else profile.temperature
+    if (req.min_tokens or 0) > max_tokens:
+        raise InvalidRequest(f"min_tokens ({req.min_tokens}) is above max_tokens "
+                             f"({max_tokens})", "min_tokens")
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=temperature if temperature is not None else 0.0,
+        top_p=req.top_p or profile.top_p or 1.0,
+        top_k=req.top_k if req.top_k is not None else (profile.top_k or 0),
+        repetition_penalty=req.repetition_penalty or profile.repetition_penalty or 1.0,
+        min_tokens=req.min_tokens or 0,
+        stop=tuple(stops),
+        seed=req.seed,
+    )
+
+
+def _new(kind: str) -> tuple[str, int]:
+    return f"{kind}-{uuid.uuid4().hex[:24]}", int(time.time())
+
+
+def prepare_chat(req: ChatCompletionRequest, engine: Engine, settings: Settings,
+                 model_id: str) -> Prepared:
+    profile = resolve_profile(req.model, settings, model_id)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in req.messages]
+    if profile.system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": profile.system_prompt})
+    guidance: tuple[str, str] | None = None
+    tool_mode = False
+    tools = tool_guidance(req)
+    if tools is not None:
+        schema, offered = tools
+        note = _tools_system_prompt(offered, req.tool_choice in (None, "auto"))
+        if messages[0]["role"] == "system":
+            messages[0] = {"role": "system", "content": messages[0]["content"] + "\n\n" + note}
+        else:
+            messages.insert(0, {"role": "system", "content": note})
+        guidance = json_guidance(schema)
+        tool_mode = True
+    elif req.response_format is not None and req.response_format.type != "text":
+        if req.response_format.type == "json_object":
+            schema = {"type": "object"}
+        else:
+            if req.response_format.json_schema is None:
+                raise InvalidRequest("response_format json_schema needs a json_schema object",
+                                     "response_format")
+            schema = req.response_format.json_schema.schema_ or {"type": "object"}
+        guidance = json_guidance(schema)
+    try:
+        prompt = engine.chat_prompt(messages)
+    except Exception as exc:
+        raise InvalidRequest(f"the chat template rejected the messages: {exc}",
+                             "messages") from exc
+    tokens = engine.encode(prompt)
+    sampling = _sampling(req, profile, len(tokens), settings, engine.plan.context_length)
+    rid, created = _new("chatcmpl")
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return Prepared(rid, req.model, created, tokens, sampling, guidance, tool_mode,
+                    include_usage)
+
+
+def prepare_completion(req: CompletionRequest, engine: Engine, settings: Settings,
+                       model_id: str) -> Prepared:
+    profile = resolve_profile(req.model, settings, model_id)
+    if not req.prompt:
+        raise InvalidRequest("prompt must not be empty", "prompt")
+    tokens = engine.encode(req.prompt)
+    sampling = _sampling(req, profile, len(tokens), settings, engine.plan.context_length)
+    rid, created = _new("cmpl")
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return Prepared(rid, req.model, created, tokens, sampling, None, False, include_usage)
+
+
+# -------------------------------------------------------------- rendering
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_completion(p: Prepared, text: str, reason: str, prompt_tokens: int,
+                    completion_tokens: int) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    finish = reason if reason in ("stop", "length") else "stop"
+    if p.tool_mode and reason == "stop":
+        content, calls = parse_tool_envelope(text)
+        message = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = calls
+            finish = "tool_calls"
+    return {
+        "id": p.id, "object": "chat.completion", "created": p.created, "model": p.model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish,
+                     "logprobs": None}],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def chat_chunk(p: Prepared, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    return {
+        "id": p.id, "object": "chat.completion.chunk", "created": p.created, "model": p.model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+    }
+
+
+def usage_chunk(p: Prepared, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {"id": p.id, "object": "chat.completion.chunk", "created": p.created,
+            "model": p.model, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def text_completion(p: Prepared, text: str, reason: str, prompt_tokens: int,
+                    completion_tokens: int) -> dict[str, Any]:
+    return {
+        "id": p.id, "object": "text_completion", "created": p.created, "model": p.model,
+        "choices": [{"index": 0, "text": text, "finish_reason": reason
+                     if reason in ("stop", "length") else "stop", "logprobs": None}],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def text_chunk(p: Prepared, text: str, finish: str | None) -> dict[str, Any]:
+    return {"id": p.id, "object": "text_completion", "created": p.created, "model": p.model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish,
+                         "logprobs": None}]}
+
+
+def error_body(message: str, type_: str = "invalid_request_error", code: str | None = None,
+               param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+

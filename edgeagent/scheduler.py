@@ -1,0 +1,421 @@
+"""The scheduler: the one owner of the engine, fed by every transport.
+
+Transports build a :class:`Job` and ``submit`` it. A bounded queue holds jobs until a batch
+slot frees; one thread admits them into the engine (from idle it waits
+``runtime.batch_window_ms`` so that requests arriving together share a batch), steps the
+engine and hands each job its tokens through ``job.sink`` — called on the
+scheduler thread, so a sink must only hand the item over (``call_soon_threadsafe``, a
+non-blocking MQTT publish), never block.
+
+Admission is checked at ``submit``: queue full (429), prompt or total too long for the plan
+(400), available memory below the plan's headroom (503), not accepting (503). A job's
+deadline (408) and cancellation are checked before every step, so a cancelled or expired
+job leaves the batch within one token step.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import structlog
+
+from edgeagent.engine import Delta, Engine, Finish, Sampling, Sequence
+from edgeagent.planner import Plan
+from edgeagent.probe import available_memory
+from edgeagent.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+class AdmissionError(Exception):
+    """A job refused before it ran; ``status`` is the HTTP status transports map it to."""
+
+    status = 400
+    code = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param  # the request field at fault, when there is one
+
+
+class PromptTooLong(AdmissionError):
+    status = 400
+    code = "context_length_exceeded"
+
+
+class QueueFull(AdmissionError):
+    status = 429
+    code = "queue_full"
+
+
+class Unavailable(AdmissionError):
+    status = 503
+    code = "unavailable"
+
+
+@dataclass
+class JobError:
+    """A job that failed after admission: deadline passed (408) or an engine failure (500)."""
+
+    status: int
+    code: str
+    message: str
+
+
+Item = Delta | Finish | JobError
+Sink = Callable[[Item], None]
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Job:
+    prompt_tokens: np.ndarray
+    sampling: Sampling
+    sink: Sink
+    deadline: float  # time.monotonic()
+    guidance: tuple[str, str] | None = None
+    transport: str = "local"
+    id: str = field(default_factory=lambda: f"job-{next(_ids)}")
+    submitted: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    cancelled: bool = False
+    seq: Sequence | None = None
+
+
+@dataclass
+class Stats:
+    """Counters the scheduler keeps; /metrics and telemetry read these, never recompute."""
+
+    submitted: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    rejected: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
+    errors: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    ttft_s: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=1024)
+    )
+    decode_tps: float = 0.0  # exponential moving average of per-job decode tokens/s
+    steps: int = 0
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, plan: Plan, settings: Settings) -> None:
+        self._engine = engine
+        self.plan = plan
+        self.settings = settings
+        self.stats = Stats()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._running: dict[int, Job] = {}  # id(seq) -> job
+        self._cond = threading.Condition()
+        self._accepting = True
+        self._stop = False
+        self._pending_swap: tuple[Engine, Plan] | None = None
+        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+
+    # ----------------------------------------------------------- properties
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def active(self) -> int:
+        return len(self._running)
+
+    # ------------------------------------------------------------ admission
+    def check_prompt(self, prompt_len: int, max_tokens: int) -> None:
+        """400 with the numbers when a prompt or its total does not fit the plan."""
+        plan = self.plan
+        if prompt_len > plan.max_prompt_tokens:
+            raise PromptTooLong(
+                f"the prompt has {prompt_len} tokens; this daemon accepts at most "
+                f"{plan.max_prompt_tokens} (context length {plan.context_length})"
+            )
+        if prompt_len + max_tokens > plan.context_length:
+            raise PromptTooLong(
+                f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) is "
+                f"{prompt_len + max_tokens} tokens; the context length is "
+                f"{plan.context_length}"
+            )
+
+    def submit(self, job: Job) -> None:
+        """Queue a job or raise an AdmissionError; never blocks."""
+        try:
+            self._admit(job)
+        except AdmissionError as exc:
+            self.stats.rejected[exc.code] += 1
+            raise
+
+    def _admit(self, job: Job) -> None:
+        if not self._accepting:
+            raise Unavailable("the daemon is shutting down")
+        self.check_prompt(len(job.prompt_tokens), job.sampling.max_tokens)
+        headroom = self.plan.headroom_bytes
+        avail = available_memory(self.settings.runtime.probe_root)
+        if avail is not None and avail < headroom:
+            log.warning("memory guard: refusing work", available_mb=avail // 2**20,
+                        headroom_mb=headroom // 2**20)
+            raise Unavailable(
+                f"available memory ({avail // 2**20} MB) is below the planned headroom "
+                f"({headroom // 2**20} MB); try again later"
+            )
+        with self._cond:
+            if len(self._queue) >= self.settings.limits.max_queue:
+                raise QueueFull(
+                    f"the queue is full ({self.settings.limits.max_queue} requests waiting); "
+                    "retry later"
+                )
+            self._queue.append(job)
+            self.stats.submitted += 1
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Cancel a job wherever it is; its sink gets Finish('cancelled') within a step."""
+        with self._cond:
+            job.cancelled = True
+            self._cond.notify()
+
+    def cancel_all(self) -> None:
+        with self._cond:
+            for job in itertools.chain(self._queue, self._running.values()):
+                job.cancelled = True
+            self._cond.notify()
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._thread.start()
+
+    def drain(self, timeout: float) -> int:
+        """Stop accepting; wait for queued and running jobs up to ``timeout``, then cancel
+        what is left. Returns how many jobs were cancelled."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._accepting = False
+            while (self._queue or self._running) and self.alive:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(timeout=min(left, 0.5))
+            unfinished = len(self._queue) + len(self._running)
+        if unfinished:
+            self.cancel_all()
+            with self._cond:
+                end = time.monotonic() + 5.0
+                while (self._queue or self._running) and self.alive:
+                    if not self._cond.wait(timeout=max(0.0, end - time.monotonic())):
+                        break
+        return unfinished
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=10)
+
+    def swap_engine(self, engine: Engine, plan: Plan) -> None:
+        """Use a newly loaded engine once the running batch has finished on the old one."""
+        with self._cond:
+            self._pending_swap = (engine, plan)
+            self._cond.notify()
+
+    def update_settings(self, settings: Settings) -> None:
+        self.settings = settings
+
+    # ------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        self._engine.capacity  # noqa: B018 - binds og.Engine to this thread
+        while True:
+            with self._cond:
+                while not self._stop and not self._running and not self._queue_ready():
+                    self._cond.wait(timeout=1.0)
+                    self._maybe_swap()
+                if not self._running:
+                    self._gather()
+                if self._stop:
+                    self._fail_all("the daemon stopped")
+                    return
+                self._maybe_swap()
+                admitted = self._admit_from_queue()
+                self._apply_cancels()
+            for job in admitted:
+                self._start(job)
+            if self._running:
+                try:
+                    events = self._engine.step()
+                except Exception as exc:
+                    log.exception("engine step failed")
+                    self._fail_running(f"engine failure: {exc}")
+                    continue
+                self.stats.steps += 1
+                self._dispatch(events)
+            with self._cond:
+                self._cond.notify_all()  # drain() waits on this
+
+    def _gather(self) -> None:
+        """From idle, wait a moment (``runtime.batch_window_ms``) for more arrivals.
+
+        og.Engine batches statically: sequences that arrive while a batch runs wait for
+        the next one. Requests that come together should start together.
+        """
+        window = self.settings.runtime.batch_window_ms / 1000
+        if not self._queue or window <= 0:
+            return
+        until = self._queue[0].submitted + window
+        while (not self._stop and len(self._queue) < self._engine.capacity
+               and (left := until - time.monotonic()) > 0):
+            self._cond.wait(timeout=left)
+
+    def _queue_ready(self) -> bool:
+        return bool(self._queue) and self._pending_swap is None
+
+    def _maybe_swap(self) -> None:
+        if self._pending_swap is not None and not self._running:
+            self._engine, self.plan = self._pending_swap
+            self._pending_swap = None
+            self._engine.capacity  # noqa: B018 - binds the new og.Engine to this thread
+            log.info("scheduler now uses the reloaded engine")
+
+    def _admit_from_queue(self) -> list[Job]:
+        admitted: list[Job] = []
+        now = time.monotonic()
+        if any(job.cancelled or now >= job.deadline for job in self._queue):
+            waiting: collections.deque[Job] = collections.deque()
+            for job in self._queue:
+                if job.cancelled:
+                    self.stats.cancelled += 1
+                    self._deliver(job, Finish("cancelled", len(job.prompt_tokens), 0))
+                elif now >= job.deadline:
+                    self._expire(job)
+                else:
+                    waiting.append(job)
+            self._queue = waiting
+        if self._pending_swap is not None:
+            return admitted
+        while self._queue and len(self._running) + len(admitted) < self._engine.capacity:
+            admitted.append(self._queue.popleft())
+        return admitted
+
+    def _start(self, job: Job) -> None:
+        try:
+            seq = self._engine.start(job.prompt_tokens, job.sampling, job.guidance)
+        except Exception as exc:
+            log.warning("job refused by the engine", job=job.id, error=str(exc))
+            self.stats.errors["engine"] += 1
+            self._deliver(job, JobError(400, "invalid_request_error", str(exc)))
+            return
+        job.seq = seq
+        with self._cond:
+            self._running[id(seq)] = job
+
+    def _apply_cancels(self) -> None:
+        now = time.monotonic()
+        for job in self._running.values():
+            if job.seq is None:
+                continue
+            if job.cancelled or now >= job.deadline:
+                self._engine.cancel(job.seq)
+
+    def _dispatch(self, events: list[tuple[Sequence, Delta | Finish]]) -> None:
+        for seq, item in events:
+            job = self._running.get(id(seq))
+            if job is None:
+                continue
+            if isinstance(item, Delta):
+                if job.first_token is None:
+                    job.first_token = time.monotonic()
+                    self.stats.ttft_s.append(job.first_token - job.submitted)
+                self._deliver(job, item)
+                continue
+            with self._cond:
+                del self._running[id(seq)]
+            self._account(job, item)
+            if item.reason == "cancelled" and not job.cancelled:
+                self._expire(job)  # cancelled by us because its deadline passed
+            elif item.reason == "error":
+                self.stats.errors["engine"] += 1
+                self._deliver(job, JobError(500, "engine_error", "generation failed"))
+            else:
+                self._deliver(job, item)
+
+    def _account(self, job: Job, fin: Finish) -> None:
+        self.stats.prompt_tokens += fin.prompt_tokens
+        self.stats.generated_tokens += fin.completion_tokens
+        if fin.reason == "cancelled":
+            self.stats.cancelled += 1
+        else:
+            self.stats.completed += 1
+        if job.first_token is not None and fin.completion_tokens > 1:
+            elapsed = time.monotonic() - job.first_token
+            if elapsed > 0:
+                tps = (fin.completion_tokens - 1) / elapsed
+                prev = self.stats.decode_tps
+                self.stats.decode_tps = tps if prev == 0 else 0.8 * prev + 0.2 * tps
+
+    def _expire(self, job: Job) -> None:
+        self.stats.errors["timeout"] += 1
+        waited = time.monotonic() - job.submitted
+        self._deliver(job, JobError(408, "timeout",
+                                    f"the request's deadline passed after {waited:.1f}s"))
+
+    def _deliver(self, job: Job, item: Item) -> None:
+        try:
+            job.sink(item)
+        except Exception:
+            log.exception("sink failed", job=job.id, transport=job.transport)
+
+    def _fail_running(self, message: str) -> None:
+        with self._cond:
+            jobs = list(self._running.values())
+            self._running.clear()
+        for job in jobs:
+            self.stats.errors["engine"] += 1
+            self._deliver(job, JobError(500, "engine_error", message))
+
+    def _fail_all(self, message: str) -> None:
+        jobs = list(self._queue) + list(self._running.values())
+        self._queue.clear()
+        self._running.clear()
+        for job in jobs:
+            self._deliver(job, JobError(503, "unavailable", message))
+
+    def snapshot(self) -> dict[str, Any]:
+        """Figures for /health, /metrics and telemetry."""
+        ttft = sorted(self.stats.ttft_s)
+
+        def pct(p: float) -> float | None:
+            return round(ttft[min(len(ttft) - 1, int(p * len(ttft)))], 4) if ttft else None
+
+        return {
+            "queue_depth": self.queue_depth,
+            "active_sequences": self.active,
+            "capacity": self._engine.capacity_hint,
+            "submitted": self.stats.submitted,
+            "completed": self.stats.completed,
+            "cancelled": self.stats.cancelled,
+            "rejected": dict(self.stats.rejected),
+            "errors": dict(self.stats.errors),
+            "prompt_tokens": self.stats.prompt_tokens,
+            "generated_tokens": self.stats.generated_tokens,
+            "decode_tokens_per_s": round(self.stats.decode_tps, 2),
+            "ttft_p50_s": pct(0.5),
+            "ttft_p95_s": pct(0.95),
+        }

@@ -1,0 +1,462 @@
+"""Settings: strict pydantic models, the single source of every default.
+
+Sources, lowest precedence first:
+
+1. the defaults below;
+2. the TOML file (``/etc/edgeagent/edgeagent.toml``, or ``--config PATH``);
+3. the persisted fleet overlay, ``<state_dir>/fleet-overlay.json``;
+4. the environment, ``EDGEAGENT_*`` with ``__`` for nesting
+   (``EDGEAGENT_RUNTIME__THREADS=2``).
+
+Every field has a description: ``edgeagent config reference`` renders them as documentation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = Path("/etc/edgeagent/edgeagent.toml")
+OVERLAY_FILE = "fleet-overlay.json"
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct-int4"
+
+Auto = Literal["auto"]
+
+
+class Section(BaseModel):
+    """Base of every settings section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _default_state_dir() -> Path:
+    systemd_state = os.environ.get("STATE_DIRECTORY")
+    if systemd_state:
+        return Path(systemd_state.split(":")[0])
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "edgeagent"
+
+
+def default_socket_path() -> Path:
+    """``$RUNTIME_DIRECTORY`` under systemd, ``$XDG_RUNTIME_DIR`` for a user."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY")
+    if runtime:
+        return Path(runtime.split(":")[0]) / "api.sock"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "edgeagent" / "api.sock"
+    if os.geteuid() == 0:
+        return Path("/run/edgeagent/api.sock")
+    return Path(f"/tmp/edgeagent-{os.geteuid()}/api.sock")
+
+
+class ModelSettings(Section):
+    path: Path | None = Field(
+        default=None,
+        description="onnxruntime-genai model folder. Unset: the default model, "
+        f"<state_dir>/models/{DEFAULT_MODEL_NAME}.",
+    )
+    verify: bool = Field(
+        default=True,
+        description="Check the sha256 sum of every file listed in the model's manifest before "
+        "loading; a mismatch refuses to start.",
+    )
+
+
+class RuntimeSettings(Section):
+    threads: int | Auto = Field(
+        default="auto",
+        description="Intra-op threads. auto: physical cores within the CPU affinity and the "
+        "cgroup CPU quota.",
+    )
+    context_length: int | Auto = Field(
+        default="auto",
+        description="Tokens per sequence (prompt + output). auto: the model's own limit, capped "
+        "by runtime.auto_context_cap and by what fits in memory.",
+    )
+    max_batch: int | Auto = Field(
+        default="auto",
+        description="Sequences generated at once. auto: up to runtime.auto_max_batch_cap, as "
+        "many as fit in memory.",
+    )
+    provider: Literal["cpu"] = Field(
+        default="cpu", description="onnxruntime execution provider."
+    )
+    auto_context_cap: int = Field(
+        default=4096, ge=64, description="Upper bound for an automatic context length."
+    )
+    auto_max_batch_cap: int = Field(
+        default=4, ge=1, description="Upper bound for an automatic max_batch."
+    )
+    batch_window_ms: float = Field(
+        default=5.0,
+        ge=0,
+        le=1000,
+        description="From idle, how long the scheduler waits for more requests so that "
+        "requests arriving together are generated as one batch.",
+    )
+    probe_root: Path = Field(
+        default=Path("/"),
+        description="Where the hardware probe finds proc/ and sys/: / on a gateway; a "
+        "prepared tree to diagnose a planning problem or to test without the hardware.",
+    )
+    memory_headroom_mb: int = Field(
+        default=256,
+        ge=0,
+        description="Memory kept free for the OS and the daemon's own Python heap; the "
+        "planner will not plan into it and the memory guard refuses work below it.",
+    )
+
+
+class SocketSettings(Section):
+    path: Path = Field(
+        default_factory=default_socket_path,
+        description="Unix socket of the HTTP API. Default: $RUNTIME_DIRECTORY/api.sock under "
+        "systemd, $XDG_RUNTIME_DIR/edgeagent/api.sock for a user.",
+    )
+    mode: int = Field(default=0o660, ge=0, le=0o777, description="File mode of the socket.")
+    group: str | None = Field(
+        default=None, description="Group that owns the socket, for local clients."
+    )
+    tcp_host: str = Field(
+        default="127.0.0.1", description="Address of the optional TCP listener."
+    )
+    tcp_port: int | None = Field(
+        default=None, ge=1, le=65535, description="Port of the optional TCP listener; unset: off."
+    )
+
+
+class MqttSettings(Section):
+    url: str | None = Field(
+        default=None,
+        description="Broker, mqtt://host:port or mqtts://host:port. Unset: MQTT is off.",
+    )
+    topic_prefix: str = Field(
+        default="edgeagent", min_length=1, description="First level of every topic."
+    )
+    client_id: str | None = Field(default=None, description="Client id; unset: the device id.")
+    username: str | None = Field(default=None, description="Username for the broker.")
+    password_file: Path | None = Field(
+        default=None,
+        description="File holding the broker password. Unset: the credential 'mqtt_password' "
+        "in $CREDENTIALS_DIRECTORY, when present.",
+    )
+    protocol: Literal["5", "3.1.1"] = Field(default="5", description="MQTT protocol version.")
+    keepalive_s: int = Field(default=30, ge=5, le=65535, description="Keepalive interval.")
+    session_expiry_s: int = Field(
+        default=3600,
+        ge=0,
+        description="MQTT 5 session expiry: requests published while the daemon restarts "
+        "within it are delivered when it returns.",
+    )
+    ca_file: Path | None = Field(default=None, description="CA bundle for mqtts://.")
+    cert_file: Path | None = Field(default=None, description="Client certificate (mutual TLS).")
+    key_file: Path | None = Field(default=None, description="Client key (mutual TLS).")
+    max_payload_bytes: int = Field(
+        default=256 * 1024, ge=1024, description="Largest request payload accepted."
+    )
+
+
+class TelemetrySettings(Section):
+    interval_s: float = Field(
+        default=30.0, gt=0, description="Seconds between two telemetry documents."
+    )
+    buffer_max: int = Field(
+        default=1000, ge=1, description="Telemetry documents kept while the broker is away."
+    )
+    spool_dir: Path | None = Field(
+        default=None, description="Folder where buffered telemetry survives a restart."
+    )
+
+
+class FleetSettings(Section):
+    group: str | None = Field(
+        default=None, description="Fleet group: shared request topic and group configuration."
+    )
+    trusted_keys: list[Path] = Field(
+        default_factory=list,
+        description="Ed25519 public keys (PEM); when set, configuration pushes must be signed.",
+    )
+
+
+class LimitsSettings(Section):
+    max_queue: int = Field(
+        default=32, ge=1, description="Requests waiting for a batch slot; beyond it: 429."
+    )
+    max_prompt_tokens: int | Auto = Field(
+        default="auto",
+        description="Longest prompt accepted. auto: the context length less "
+        "limits.min_output_tokens.",
+    )
+    min_output_tokens: int = Field(
+        default=256, ge=1, description="Room kept for output when max_prompt_tokens is auto."
+    )
+    default_max_tokens: int = Field(
+        default=512, ge=1, description="max_tokens of a request that does not set it."
+    )
+    request_timeout_s: float = Field(
+        default=300.0, gt=0, description="Deadline of a request from its arrival; beyond it: 408."
+    )
+    max_body_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="Largest HTTP request body accepted."
+    )
+
+
+class LogSettings(Section):
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Lowest level logged."
+    )
+    format: Literal["auto", "json", "console"] = Field(
+        default="auto",
+        description="json: one JSON object a line (journald); console: for a terminal; "
+        "auto: console on a terminal, json otherwise.",
+    )
+
+
+class ProfileSettings(Section):
+    """A named preset, chosen by a request's ``model`` field: ``edgeagent:<name>``."""
+
+    description: str = Field(default="", description="What the profile is for.")
+    system_prompt: str | None = Field(
+        default=None, description="System message put first unless the request has one."
+    )
+    temperature: float | None = Field(
+        default=None, ge=0, le=2, description="Default temperature (0: greedy)."
+    )
+    top_p: float | None = Field(default=None, gt=0, le=1, description="Default top_p.")
+    top_k: int | None = Field(default=None, ge=0, description="Default top_k (0: off).")
+    repetition_penalty: float | None = Field(
+        default=None, gt=0, description="Default repetition penalty."
+    )
+    max_tokens: int | None = Field(default=None, ge=1, description="Default max_tokens.")
+
+
+def _default_profiles() -> dict[str, ProfileSettings]:
+    return {
+        "reasoning": ProfileSettings(
+            description="Step-by-step reasoning before the answer.",
+            system_prompt="You are a careful assistant. Think step by step, then give the "
+            "final answer on its own line.",
+            temperature=0.6, top_p=0.95, max_tokens=1024,
+        ),
+        "math": ProfileSettings(
+            description="Arithmetic and math word problems, deterministic.",
+            system_prompt="You are a precise math assistant. Show the calculation, then the "
+            "result.",
+            temperature=0.0, max_tokens=512,
+        ),
+        "coding": ProfileSettings(
+            description="Code generation and explanation.",
+            system_prompt="You are an expert programmer. Answer with correct, idiomatic code "
+            "and a short explanation.",
+            temperature=0.2, top_p=0.95, max_tokens=1024,
+        ),
+    }
+
+
+class Settings(BaseSettings):
+    """Everything the daemon can be told."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDGEAGENT_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+        nested_model_default_partial_update=True,
+    )
+
+    device_id: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="This gateway's name in topics and telemetry. Default: the hostname.",
+    )
+    state_dir: Path = Field(
+        default_factory=_default_state_dir,
+        description="Models, the fleet overlay and spooled telemetry. Default: "
+        "$STATE_DIRECTORY under systemd, ~/.local/share/edgeagent for a user.",
+    )
+    drain_timeout_s: float = Field(
+        default=30.0, ge=0, description="On SIGTERM, how long in-flight work may finish."
+    )
+    model: ModelSettings = Field(default_factory=ModelSettings, description="The model.")
+    runtime: RuntimeSettings = Field(
+        default_factory=RuntimeSettings, description="How the model runs on this machine."
+    )
+    socket: SocketSettings = Field(
+        default_factory=SocketSettings, description="The local HTTP API."
+    )
+    mqtt: MqttSettings = Field(default_factory=MqttSettings, description="The MQTT transport.")
+    telemetry: TelemetrySettings = Field(
+        default_factory=TelemetrySettings, description="Health telemetry upstream."
+    )
+    fleet: FleetSettings = Field(
+        default_factory=FleetSettings, description="Fleet membership and configuration."
+    )
+    limits: LimitsSettings = Field(default_factory=LimitsSettings, description="Admission.")
+    log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
+    profiles: dict[str, ProfileSettings] = Field(
+        default_factory=_default_profiles,
+        description="Named presets (system prompt and sampling), chosen with the request's "
+        "model field, e.g. edgeagent:coding.",
+    )
+
+    @field_validator("profiles", mode="before")
+    @classmethod
+    def _keep_builtin_profiles(cls, value: Any) -> Any:
+        """Configured profiles add to (or replace by name) the built-in ones."""
+        if isinstance(value, Mapping):
+            builtin: dict[str, Any] = {
+                k: v.model_dump(exclude_none=True) for k, v in _default_profiles().items()
+            }
+            return {**builtin, **value}
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over what load_settings() merged from TOML and the overlay.
+        return (env_settings, init_settings)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.state_dir / "models"
+
+    @property
+    def model_path(self) -> Path:
+        return self.model.path if self.model.path is not None else (
+            self.models_dir / DEFAULT_MODEL_NAME
+        )
+
+    @property
+    def overlay_path(self) -> Path:
+        return self.state_dir / OVERLAY_FILE
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``errors`` are ``(path, message)`` pairs."""
+
+    def __init__(self, source: str, errors: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.errors = errors
+        lines = "; ".join(f"{path}: {msg}" for path, msg in errors)
+        super().__init__(f"{source}: {lines}")
+
+
+def error_paths(exc: ValidationError) -> list[tuple[str, str]]:
+    """Turn a pydantic error into ``(dotted.path, message)`` pairs."""
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"]) or "(root)"
+        out.append((loc, err["msg"]))
+    return out
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: ``null`` deletes, objects merge, anything else replaces."""
+    if not isinstance(patch, Mapping):
+        return patch
+    result: dict[str, Any] = dict(target) if isinstance(target, Mapping) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data: dict[str, Any] = tomllib.load(fh)
+            return data
+    except OSError as exc:
+        raise ConfigError(str(path), [("(file)", exc.strerror or str(exc))]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [("(toml)", str(exc))]) from exc
+
+
+def read_overlay(path: Path) -> dict[str, Any]:
+    """The persisted fleet overlay: ``{"version": N, "settings": {...}}``; absent: empty."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(path), [("(overlay)", str(exc))]) from exc
+    settings = doc.get("settings", {}) if isinstance(doc, dict) else None
+    if not isinstance(settings, dict):
+        raise ConfigError(str(path), [("settings", "must be an object")])
+    return settings
+
+
+def _env_state_dir() -> str | None:
+    return os.environ.get("EDGEAGENT_STATE_DIR")
+
+
+def load_settings(
+    config_path: Path | None = None,
+    *,
+    use_overlay: bool = True,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the effective settings from every source (see the module docstring).
+
+    ``config_path`` None means the default path, used only when it exists. ``overrides``
+    are merged above the overlay, below the environment (the fleet uses it to validate a
+    push in memory before persisting it).
+    """
+    if config_path is None:
+        data = read_toml(DEFAULT_CONFIG_PATH) if DEFAULT_CONFIG_PATH.exists() else {}
+        source = str(DEFAULT_CONFIG_PATH)
+    else:
+        data = read_toml(config_path)
+        source = str(config_path)
+    if use_overlay:
+        state_dir = _env_state_dir() or data.get("state_dir") or str(_default_state_dir())
+        data = merge_patch(data, read_overlay(Path(state_dir) / OVERLAY_FILE))
+    if overrides:
+        data = merge_patch(data, overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(source, error_paths(exc)) from exc
+
+
+def existing_ancestor(path: Path) -> Path:
+    """``path`` or its nearest parent that exists: where a folder would be created."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def read_secret(name: str, explicit: Path | None) -> str | None:
+    """A secret from ``explicit`` or from systemd's ``$CREDENTIALS_DIRECTORY/<name>``."""
+    path = explicit
+    if path is None:
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        if creds and (Path(creds) / name).is_file():
+            path = Path(creds) / name
+    if path is None:
+        return None
+    secret = path.read_text(encoding="utf-8").rstrip("\r\n")
+    return secret or None  # an empty file (installed as a placeholder) is no secret

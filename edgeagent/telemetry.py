@@ -1,0 +1,203 @@
+"""Health telemetry upstream: one JSON document every ``telemetry.interval_s``.
+
+Published QoS 1 to ``{prefix}/{device}/telemetry``. While the broker is away, documents
+wait in a bounded buffer (oldest dropped first, and counted), spooled to
+``telemetry.spool_dir`` when set so they survive a restart, and go out in order after the
+reconnect. Every figure is read from the counters the daemon already keeps (the same that
+``/metrics`` shows); nothing is counted twice. The schema is schemas/telemetry.schema.json.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+import structlog
+
+from edgeagent import __version__
+from edgeagent.manifest import fsync_dir, manifest_summary
+from edgeagent.probe import probe
+from edgeagent.settings import existing_ancestor
+
+if TYPE_CHECKING:
+    from edgeagent.daemon import Daemon
+    from edgeagent.transports.mqtt import MqttTransport
+
+log = structlog.get_logger(__name__)
+
+SPOOL_FILE = "telemetry.jsonl"
+
+
+class Telemetry:
+    def __init__(self, daemon: Daemon, mqtt: MqttTransport) -> None:
+        self.daemon = daemon
+        self.mqtt = mqtt
+        self.seq = 0
+        self.dropped = 0
+        self.published = 0
+        self._buffer: collections.deque[str] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
+        self._process = psutil.Process()
+        self._process.cpu_percent(None)  # primes the per-process CPU figure
+        self._load_spool()
+
+    @property
+    def topic(self) -> str:
+        s = self.daemon.settings
+        return f"{s.mqtt.topic_prefix}/{s.device_id}/telemetry"
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def counters(self) -> dict[str, int]:
+        return {"telemetry_buffered": self.buffered, "telemetry_dropped": self.dropped,
+                "telemetry_published": self.published}
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self.mqtt.on_connected.append(lambda _client: self._wake.set())
+        self._thread.start()
+
+    def interval_changed(self) -> None:
+        """Settings changed: the loop re-reads the interval at once."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        last = float("-inf")
+        while not self._stop:
+            interval = self.daemon.settings.telemetry.interval_s  # live: re-read each time
+            now = time.monotonic()
+            if now >= last + interval:
+                last = now
+                try:
+                    self._enqueue(json.dumps(self.collect(), separators=(",", ":")))
+                except Exception:
+                    log.exception("telemetry collection failed")
+            self._flush()
+            self._wake.wait(timeout=max(0.0, last + interval - time.monotonic()))
+            self._wake.clear()
+
+    # ------------------------------------------------------------ buffer
+    def _enqueue(self, doc: str) -> None:
+        limit = self.daemon.settings.telemetry.buffer_max
+        with self._lock:
+            self._buffer.append(doc)
+            while len(self._buffer) > limit:
+                self._buffer.popleft()
+                self.dropped += 1
+
+    def _flush(self) -> None:
+        client = self.mqtt.client
+        if client is None or not client.is_connected():
+            self._save_spool()
+            return
+        with self._lock:
+            pending = list(self._buffer)
+        for doc in pending:
+            info = client.publish(self.topic, doc, qos=1)
+            if info.rc != 0:
+                break  # the connection went away: keep the rest, in order
+            with self._lock:
+                self._buffer.popleft()
+            self.published += 1
+        self._save_spool()
+
+    def _spool_path(self) -> Path | None:
+        spool = self.daemon.settings.telemetry.spool_dir
+        return spool / SPOOL_FILE if spool is not None else None
+
+    def _save_spool(self) -> None:
+        path = self._spool_path()
+        if path is None:
+            return
+        with self._lock:
+            lines = list(self._buffer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w", encoding="utf-8") as fh:
+            fh.write("".join(line + "\n" for line in lines))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+
+    def _load_spool(self) -> None:
+        path = self._spool_path()
+        if path is None or not path.exists():
+            return
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue  # a torn last line from a crash
+            self.seq = max(self.seq, int(doc.get("seq", 0)))
+            self._enqueue(line)
+        log.info("telemetry spool replayed", documents=len(self._buffer))
+
+    # ------------------------------------------------------------ the document
+    def collect(self) -> dict[str, Any]:
+        d = self.daemon
+        s = d.settings
+        self.seq += 1
+        hw = probe(s.runtime.probe_root)
+        snap = d.scheduler.snapshot() if d.scheduler is not None else None
+        transport = d.transport_counters()
+        plan = d.plan
+        try:
+            free_disk = psutil.disk_usage(str(existing_ancestor(s.state_dir))).free
+        except OSError:
+            free_disk = None
+        load = os.getloadavg()
+        return {
+            "ts": time.time(),
+            "seq": self.seq,
+            "device_id": s.device_id,
+            "version": __version__,
+            "uptime_s": round(d.uptime(), 1),
+            "cpu": {
+                "percent": psutil.cpu_percent(None),
+                "process_percent": self._process.cpu_percent(None),
+                "load": [round(x, 2) for x in load],
+                "threads": plan.threads if plan else None,
+                "temperatures_c": hw.temperatures_c,
+                "throttle_count": hw.thermal_throttle_count,
+            },
+            "memory": {
+                "total_bytes": hw.mem_total_bytes,
+                "available_bytes": hw.effective_available_bytes,
+                "cgroup_limit_bytes": hw.cgroup_memory_limit_bytes,
+                "rss_bytes": self._process.memory_info().rss,
+            },
+            "disk": {"state_dir_free_bytes": free_disk},
+            "model": {
+                "id": d.model_id,
+                "sha256": manifest_summary(d.manifest)["sha256"],
+                "loaded": d.ready,
+                "context_length": plan.context_length if plan else None,
+                "threads": plan.threads if plan else None,
+            },
+            "serving": snap,
+            "mqtt": {
+                "state": self.mqtt.state(),
+                "reconnects": transport.get("mqtt_reconnects", 0),
+                "buffered": transport.get("mqtt_buffered", 0),
+                "dropped": self.dropped,
+            },
+            "telemetry": {"buffered": self.buffered, "dropped": self.dropped},
+            "config": d.config_status(),
+        }

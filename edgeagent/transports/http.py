@@ -1,0 +1,453 @@
+"""The local HTTP API: OpenAI-compatible, over a Unix socket (and optionally loopback TCP).
+
+FastAPI on uvicorn serves the socket; the daemon, not uvicorn, owns the signals. The
+socket is bound before the model loads (or inherited from systemd socket activation), so
+clients connect at once and ``/health`` says 503 until the model is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import grp
+import json
+import os
+import socket
+import stat
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from edgeagent import __version__, protocol
+from edgeagent.engine import Delta, Finish
+from edgeagent.metrics import render_metrics
+from edgeagent.scheduler import AdmissionError, Item, Job, JobError
+
+if TYPE_CHECKING:
+    from edgeagent.daemon import Daemon
+
+log = structlog.get_logger(__name__)
+
+SD_LISTEN_FDS_START = 3
+
+
+class StartupSocketError(Exception):
+    pass
+
+
+# ------------------------------------------------------------------ sockets
+def inherited_sockets() -> list[socket.socket]:
+    """Sockets passed by systemd socket activation (``LISTEN_FDS``), if they are ours."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = int(os.environ.get("LISTEN_FDS", "0") or 0)
+    socks = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+        os.set_inheritable(fd, False)
+        socks.append(socket.socket(fileno=fd))
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(key, None)
+    return socks
+
+
+def bind_unix(path: Path, mode: int, group: str | None) -> socket.socket:
+    """Bind the API socket: replace a stale socket file, refuse a live one or a non-socket."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise StartupSocketError(f"{path} exists and is not a socket; refusing to replace")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale: nobody listens
+            log.info("replaced a stale socket file", path=str(path))
+        else:
+            raise StartupSocketError(f"another daemon already listens on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    if group is not None:
+        try:
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        except (KeyError, PermissionError) as exc:
+            sock.close()
+            path.unlink()
+            raise StartupSocketError(f"cannot give {path} to group {group!r}: {exc}") from exc
+    sock.listen(128)
+    return sock
+
+
+def bind_tcp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    return sock
+
+
+# ------------------------------------------------------------------ middleware
+class BodyLimit:
+    """413 for a body larger than the limit, whether declared or streamed."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await self._too_large(send)
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._too_large(send)
+
+    async def _too_large(self, send: Send) -> None:
+        body = json.dumps(protocol.error_body(
+            f"request body larger than {self.limit} bytes", code="body_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+# ------------------------------------------------------------------ app
+def _err(status: int, message: str, code: str | None = None, param: str | None = None,
+         type_: str | None = None) -> JSONResponse:
+    kind = type_ or ("invalid_request_error" if status < 500 else "server_error")
+    return JSONResponse(protocol.error_body(message, kind, code, param), status_code=status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts = []
+    first_param = None
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        path = ".".join(loc)
+        first_param = first_param or path or None
+        parts.append(f"{path or 'body'}: {err.get('msg')}")
+    return "; ".join(parts) or "invalid request", first_param
+
+
+def create_app(daemon: Daemon) -> FastAPI:
+    app = FastAPI(title="edgeagent", version=__version__,
+                  description="OpenAI-compatible API of an edgeagent gateway daemon.")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return _err(400, message, "invalid_request", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _err(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(AdmissionError)
+    async def _admission(_: Request, exc: AdmissionError) -> JSONResponse:
+        return _err(exc.status, exc.message, exc.code, exc.param)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error in a request")
+        return _err(500, "internal error", "internal_error")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        doc = daemon.health()
+        return JSONResponse(doc, status_code=200 if daemon.ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = render_metrics(daemon)
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        created = int(daemon.started_wall)
+        return {"object": "list", "data": [
+            {"id": mid, "object": "model", "created": created, "owned_by": "edgeagent"}
+            for mid in protocol.model_ids(daemon.settings)]}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(
+        body: protocol.ChatCompletionRequest, request: Request
+    ) -> Response:
+        scheduler = _ready(daemon)
+        prepared = protocol.prepare_chat(body, scheduler.engine, daemon.settings,
+                                         daemon.model_id)
+        return await _serve(daemon, request, prepared, chat=True, stream=body.stream)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: protocol.CompletionRequest, request: Request) -> Response:
+        scheduler = _ready(daemon)
+        prepared = protocol.prepare_completion(body, scheduler.engine, daemon.settings,
+                                               daemon.model_id)
+        return await _serve(daemon, request, prepared, chat=False, stream=body.stream)
+
+    return app
+
+
+class _Loading(AdmissionError):
+    status = 503
+    code = "model_loading"
+
+
+def _ready(daemon: Daemon) -> Any:
+    if daemon.scheduler is None or not daemon.ready:
+        message = ("the model is still loading" if daemon.state in ("starting", "loading")
+                   else "the daemon is shutting down")
+        raise _Loading(message)
+    return daemon.scheduler
+
+
+class _Bridge:
+    """Carries scheduler items (from its thread) into this request's event loop.
+
+    Items gather in a deque; the loop is woken once per batch, not once per token, and the
+    consumer takes everything that has arrived in one go.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._items: collections.deque[Item] = collections.deque()
+        self._ready = asyncio.Event()
+        self._lock = threading.Lock()
+        self._wake_pending = False
+
+    def sink(self, item: Item) -> None:  # the scheduler's thread
+        with self._lock:
+            self._items.append(item)
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        self.loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._wake_pending = False
+        self._ready.set()
+
+    async def take(self) -> list[Item]:
+        """Everything that has arrived, waiting for at least one item."""
+        while True:
+            with self._lock:
+                if self._items:
+                    items = list(self._items)
+                    self._items.clear()
+                    return items
+                self._ready.clear()
+            await self._ready.wait()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _serve(daemon: Daemon, request: Request, prepared: protocol.Prepared, *,
+                 chat: bool, stream: bool) -> Response:
+    scheduler = daemon.scheduler
+    assert scheduler is not None
+    bridge = _Bridge()
+    job = Job(prepared.prompt_tokens, prepared.sampling, bridge.sink,
+              deadline=time.monotonic() + daemon.settings.limits.request_timeout_s,
+              guidance=prepared.guidance, transport="http")
+    scheduler.submit(job)  # AdmissionError -> its status via the handler
+    if stream:
+        return StreamingResponse(_sse(scheduler, job, bridge, prepared, chat),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    parts: list[str] = []
+    try:
+        while True:
+            getter = asyncio.ensure_future(bridge.take())
+            done, _ = await asyncio.wait({getter, watcher},
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                scheduler.cancel(job)  # the client went away
+                return Response(status_code=499)
+            for item in getter.result():
+                if isinstance(item, Delta):
+                    parts.append(item.text)
+                elif isinstance(item, JobError):
+                    return _err(item.status, item.message, item.code)
+                else:
+                    return _completion(prepared, item, "".join(parts) + item.tail, chat)
+    finally:
+        watcher.cancel()
+
+
+def _completion(prepared: protocol.Prepared, fin: Finish, text: str, chat: bool) -> Response:
+    render = protocol.chat_completion if chat else protocol.text_completion
+    try:
+        doc = render(prepared, text, fin.reason, fin.prompt_tokens, fin.completion_tokens)
+    except (ValueError, KeyError) as exc:
+        return _err(500, f"the guided output did not parse: {exc}", "guidance_error")
+    return JSONResponse(doc)
+
+
+def _sse_line(doc: dict[str, Any]) -> str:
+    return f"data: {json.dumps(doc, separators=(',', ':'))}\n\n"
+
+
+async def _sse(scheduler: Any, job: Job, bridge: _Bridge, prepared: protocol.Prepared,
+               chat: bool) -> AsyncIterator[str]:
+    """Server-sent events; a client that goes away cancels the job (the finally below)."""
+    finished = False
+    try:
+        if chat:
+            yield _sse_line(protocol.chat_chunk(prepared, {"role": "assistant", "content": ""},
+                                                None))
+        held: list[str] = []  # tool envelopes are parsed whole, then sent as one delta
+        while True:
+            items = await bridge.take()
+            texts = [i.text for i in items if isinstance(i, Delta)]
+            if prepared.tool_mode:
+                held.extend(texts)
+            elif any(texts):  # what arrived together goes out as one event
+                yield _sse_line(_delta(prepared, "".join(texts), chat))
+            last = items[-1]
+            if isinstance(last, JobError):
+                finished = True
+                yield _sse_line(protocol.error_body(
+                    last.message, "server_error" if last.status >= 500
+                    else "invalid_request_error", last.code))
+                yield "data: [DONE]\n\n"
+                return
+            if isinstance(last, Finish):
+                finished = True
+                for line in _final_chunks(prepared, last, held, chat):
+                    yield line
+                yield "data: [DONE]\n\n"
+                return
+    finally:
+        if not finished:
+            scheduler.cancel(job)
+
+
+def _delta(prepared: protocol.Prepared, text: str, chat: bool) -> dict[str, Any]:
+    if chat:
+        return protocol.chat_chunk(prepared, {"content": text}, None)
+    return protocol.text_chunk(prepared, text, None)
+
+
+def _final_chunks(prepared: protocol.Prepared, fin: Finish, held: list[str],
+                  chat: bool) -> Iterator[str]:
+    reason = fin.reason if fin.reason in ("stop", "length") else "stop"
+    if prepared.tool_mode:
+        doc = protocol.chat_completion(prepared, "".join(held) + fin.tail, fin.reason,
+                                       fin.prompt_tokens, fin.completion_tokens)
+        message = doc["choices"][0]["message"]
+        delta: dict[str, Any] = {"content": message.get("content")}
+        if message.get("tool_calls"):
+            delta["tool_calls"] = [dict(c, index=i) for i, c in
+                                   enumerate(message["tool_calls"])]
+        yield _sse_line(protocol.chat_chunk(prepared, delta, None))
+        reason = doc["choices"][0]["finish_reason"]
+    elif fin.tail:
+        yield _sse_line(_delta(prepared, fin.tail, chat))
+    if chat:
+        yield _sse_line(protocol.chat_chunk(prepared, {}, reason))
+    else:
+        yield _sse_line(protocol.text_chunk(prepared, "", reason))
+    if prepared.include_usage:
+        yield _sse_line(protocol.usage_chunk(prepared, fin.prompt_tokens,
+                                             fin.completion_tokens))
+
+
+# ------------------------------------------------------------------ transport
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # the daemon owns the signals
+
+
+class HttpTransport:
+    name = "http"
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self._server: _Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._owned_path: Path | None = None
+
+    async def start(self) -> None:
+        settings = self.daemon.settings
+        sockets = inherited_sockets()
+        if sockets:
+            log.info("using sockets from systemd socket activation", count=len(sockets))
+        else:
+            try:
+                sockets.append(bind_unix(settings.socket.path, settings.socket.mode,
+                                         settings.socket.group))
+            except (StartupSocketError, OSError) as exc:
+                raise StartupSocketError(f"socket {settings.socket.path}: {exc}") from exc
+            self._owned_path = settings.socket.path
+            if settings.socket.tcp_port is not None:
+                sockets.append(bind_tcp(settings.socket.tcp_host, settings.socket.tcp_port))
+        app = BodyLimit(create_app(self.daemon), settings.limits.max_body_bytes)
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
+                                server_header=False)
+        self._server = _Server(config)
+        self._task = asyncio.ensure_future(self._server.serve(sockets=sockets))
+        log.info("listening", socket=str(settings.socket.path),
+                 tcp=settings.socket.tcp_port and f"{settings.socket.tcp_host}:"
+                 f"{settings.socket.tcp_port}")
+
+    async def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout=10)
+            except asyncio.TimeoutError:
+                self._task.cancel()
+        if self._owned_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._owned_path.unlink()

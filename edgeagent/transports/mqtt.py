@@ -1,0 +1,590 @@
+"""MQTT transport: request/response, streaming, cancel, fleet work sharing (paho-mqtt 2).
+
+Topics, under ``{prefix}/{device}/``:
+
+- ``status``: retained ``{"state": "online"}`` on every (re)connect; the will is a retained
+  ``{"state": "offline"}``; ``{"state": "stopped"}`` on a clean shutdown.
+- ``request``: an OpenAI chat completion request. MQTT 5: the reply goes to the Response
+  Topic, with the Correlation Data echoed; otherwise the payload's ``reply_to`` and ``id``.
+- ``cancel``: ``{"id": "..."}`` cancels that request.
+- ``$share/{group}/{prefix}/fleet/{group}/request`` when ``fleet.group`` is set: gateways
+  split one request stream through the broker.
+
+Delivery: QoS 1 both ways, a persistent session, and a request is acknowledged only once
+its reply is published, so a request in flight when the daemon dies is delivered again.
+A repeated request id is answered once: its reply is replayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import queue
+import random
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import Field, ValidationError
+
+from edgeagent import protocol
+from edgeagent.engine import Delta, Finish
+from edgeagent.scheduler import AdmissionError, Item, Job, JobError
+from edgeagent.settings import MqttSettings, Settings, read_secret
+
+if TYPE_CHECKING:
+    from edgeagent.daemon import Daemon
+    from edgeagent.fleet import Fleet
+
+log = structlog.get_logger(__name__)
+
+RECENT_IDS = 256
+BACKOFF_MIN_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+
+class MqttChatRequest(protocol.ChatCompletionRequest):
+    """The MQTT request: the chat schema plus routing for MQTT 3.1.1 and a deadline."""
+
+    id: str | None = Field(default=None, max_length=256,
+                           description="Request id: echoed, used by cancel and dedup.")
+    reply_to: str | None = Field(default=None, max_length=1024,
+                                 description="Reply topic when there is no Response Topic.")
+    deadline: float | None = Field(default=None,
+                                   description="Unix time after which not to answer.")
+
+
+def topics(settings: Settings) -> dict[str, str]:
+    base = f"{settings.mqtt.topic_prefix}/{settings.device_id}"
+    out = {"status": f"{base}/status", "request": f"{base}/request",
+           "cancel": f"{base}/cancel"}
+    if settings.fleet.group:
+        g = settings.fleet.group
+        out["fleet"] = f"$share/{g}/{settings.mqtt.topic_prefix}/fleet/{g}/request"
+        out["fleet_topic"] = f"{settings.mqtt.topic_prefix}/fleet/{g}/request"
+    return out
+
+
+def make_client(settings: Settings, client_id: str | None = None,
+                manual_ack: bool = False) -> mqtt.Client:
+    """A paho client configured from the settings: protocol, credentials, TLS."""
+    m = settings.mqtt
+    url = urlparse(m.url or "")
+    v5 = m.protocol == "5"
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=client_id or m.client_id or settings.device_id,
+        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        clean_session=None if v5 else False,
+        reconnect_on_failure=False,
+        manual_ack=manual_ack,
+    )
+    password = read_secret("mqtt_password", m.password_file)
+    if m.username is not None or password is not None:
+        client.username_pw_set(m.username, password)
+    if url.scheme == "mqtts":
+        ctx = ssl.create_default_context(cafile=str(m.ca_file) if m.ca_file else None)
+        if m.cert_file is not None:
+            ctx.load_cert_chain(str(m.cert_file), str(m.key_file) if m.key_file else None)
+        client.tls_set_context(ctx)
+    return client
+
+
+def broker_address(m: MqttSettings) -> tuple[str, int]:
+    url = urlparse(m.url or "")
+    if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
+        raise ValueError(f"mqtt.url must be mqtt://host:port or mqtts://host:port, not {m.url!r}")
+    return url.hostname, url.port or (8883 if url.scheme == "mqtts" else 1883)
+
+
+@dataclass
+class Route:
+    topic: str
+    correlation: bytes | None
+    request_id: str | None
+    properties: Properties | None = None  # built once, reused for every reply message
+
+
+@dataclass
+class Entry:
+    """A request id seen recently: running (its job) or done (the replies to replay)."""
+
+    route: Route
+    job: Job | None = None
+    replies: list[bytes] = field(default_factory=list)
+    done: bool = False
+    acks: list[tuple[int, int, int]] = field(default_factory=list)  # (mid, qos, generation)
+
+
+class MqttTransport:
+    name = "mqtt"
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.settings = daemon.settings
+        self.client: mqtt.Client | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._accepting = True
+        self._state = "off"
+        self._generation = 0
+        self._lock = threading.Lock()
+        self._recent: collections.OrderedDict[str, Entry] = collections.OrderedDict()
+        self.stats: dict[str, int] = collections.defaultdict(int)
+        self.topics: dict[str, str] = {}
+        self._attempt = 0  # reconnect backoff exponent
+        self._held: list[tuple[mqtt.MQTTMessage, int]] = []  # arrived while loading
+        self.replies: queue.SimpleQueue[tuple[_Reply, Item] | None] = queue.SimpleQueue()
+        self._reply_thread: threading.Thread | None = None
+        self.on_connected: list[Any] = []  # callbacks(client) run after each (re)connect
+        self._fleet: Fleet | None = None
+
+    # ------------------------------------------------------------ lifecycle
+    def state(self) -> str:
+        return self._state
+
+    def counters(self) -> dict[str, int]:
+        out = {f"mqtt_{k}": v for k, v in self.stats.items()}
+        if self.client is not None:
+            out["mqtt_buffered"] = len(self.client._out_messages)
+        return out
+
+    async def start(self) -> None:
+        if self.settings.mqtt.url is None:
+            log.info("mqtt is off (no mqtt.url)")
+            return
+        self.host, self.port = broker_address(self.settings.mqtt)
+        self.topics = topics(self.settings)
+        self.client = make_client(self.settings, manual_ack=True)
+        self.client.will_set(self.topics["status"], json.dumps({"state": "offline"}), qos=1,
+                             retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self._state = "connecting"
+        self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
+        self._thread.start()
+        self._reply_thread = threading.Thread(target=self._publish_replies,
+                                              name="mqtt-replies", daemon=True)
+        self._reply_thread.start()
+
+    def _publish_replies(self) -> None:
+        """Replies are rendered and published here, so the engine's loop never waits on
+        JSON or on the network."""
+        while True:
+            job = self.replies.get()
+            if job is None:
+                return
+            reply, item = job
+            try:
+                reply.handle(item)
+            except Exception:
+                self.stats["internal_errors"] += 1
+                log.exception("mqtt reply failed")
+
+    async def stop_accepting(self) -> None:
+        # Requests that arrive from now on are not acknowledged: the broker keeps them
+        # for the next start (persistent session).
+        self._accepting = False
+
+    async def close(self) -> None:
+        if self.client is None:
+            return
+        client = self.client
+        self.replies.put(None)  # after the replies the drain left for it
+        if self._reply_thread is not None:
+            await asyncio.to_thread(self._reply_thread.join, 10)
+        if client.is_connected():
+            info = client.publish(self.topics["status"], self._status("stopped"), qos=1,
+                                  retain=True)
+            with contextlib.suppress(RuntimeError, ValueError):
+                await asyncio.to_thread(info.wait_for_publish, 5)
+        self._stop.set()
+        client.disconnect()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _connect_properties(self) -> Properties | None:
+        if self.settings.mqtt.protocol != "5":
+            return None
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.settings.mqtt.session_expiry_s
+        return props
+
+    def _run(self) -> None:
+        assert self.client is not None
+        client = self.client
+        self._attempt = 0
+        first = True
+        while not self._stop.is_set():
+            try:
+                if first:
+                    client.connect(self.host, self.port, self.settings.mqtt.keepalive_s,
+                                   clean_start=False if self.settings.mqtt.protocol == "5"
+                                   else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                                   properties=self._connect_properties())
+                    first = False
+                else:
+                    client.reconnect()
+            except (OSError, ssl.SSLError) as exc:
+                self._state = "unreachable"
+                log.warning("mqtt broker unreachable", broker=f"{self.host}:{self.port}",
+                            error=str(exc))
+            else:
+                client.loop_forever()
+            if self._stop.is_set():
+                break
+            delay = (min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** self._attempt)
+                     * random.uniform(0.5, 1.0))
+            self._attempt = min(self._attempt + 1, 16)
+            self._stop.wait(delay)
+        self._state = "stopped"
+
+    def _status(self, state: str) -> str:
+        return json.dumps({"state": state, "device_id": self.settings.device_id,
+                           "ts": time.time(), "model": self.daemon.model_id
+                           if self.daemon.ready else None})
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                    properties: Properties | None) -> None:
+        if reason.is_failure:
+            self._state = f"refused: {reason}"
+            self.stats["connect_refused"] += 1
+            log.error("mqtt broker refused the connection", reason=str(reason),
+                      broker=f"{self.host}:{self.port}")
+            return
+        self._attempt = 0  # a good connection restarts the backoff
+        with self._lock:
+            self._generation += 1
+        if self.stats["connects"]:
+            self.stats["reconnects"] += 1
+        self.stats["connects"] += 1
+        self._state = "online"
+        log.info("mqtt connected", broker=f"{self.host}:{self.port}",
+                 session_present=bool(getattr(flags, "session_present", False)))
+        client.publish(self.topics["status"], self._status("online"), qos=1, retain=True)
+        subs = [(self.topics["request"], 1), (self.topics["cancel"], 1)]
+        if "fleet" in self.topics:
+            subs.append((self.topics["fleet"], 1))
+        client.subscribe(subs)
+        for callback in self.on_connected:
+            callback(client)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
+                       reason: ReasonCode, properties: Properties | None) -> None:
+        if not self._stop.is_set() and self._state == "online":
+            self._state = "disconnected"
+            log.warning("mqtt disconnected", reason=str(reason))
+
+    # ------------------------------------------------------------ messages
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        gen = self._generation
+        try:
+            if msg.topic == self.topics["cancel"]:
+                self._ack(msg.mid, msg.qos, gen)
+                self._handle_cancel(msg)
+            elif msg.topic in (self.topics["request"], self.topics.get("fleet_topic")):
+                self._handle_request(msg, gen)
+            else:
+                self._ack(msg.mid, msg.qos, gen)
+                if self._fleet is not None:
+                    self._fleet.on_message(msg.topic, bytes(msg.payload), self._publish_retained)
+        except Exception:
+            # The network loop must never die on a message.
+            self.stats["internal_errors"] += 1
+            log.exception("mqtt message handling failed", topic=msg.topic)
+            self._ack(msg.mid, msg.qos, gen)
+
+    def _ack(self, mid: int, qos: int, generation: int) -> None:
+        """Acknowledge a delivery, only on the connection it came on."""
+        if qos > 0 and self.client is not None and generation == self._generation:
+            self.client.ack(mid, qos)
+
+    def _route(self, msg: mqtt.MQTTMessage, doc: dict[str, Any] | None) -> Route | None:
+        props = msg.properties
+        topic = getattr(props, "ResponseTopic", None) if props is not None else None
+        corr = getattr(props, "CorrelationData", None) if props is not None else None
+        rid = doc.get("id") if isinstance(doc, dict) and isinstance(doc.get("id"), str) else None
+        if rid is None and corr:
+            try:
+                rid = bytes(corr).decode("utf-8")
+            except UnicodeDecodeError:
+                rid = bytes(corr).hex()
+        if not topic and isinstance(doc, dict) and isinstance(doc.get("reply_to"), str):
+            topic = doc["reply_to"]
+        if not topic or any(c in topic for c in "+#") or not topic.strip():
+            return None
+        return Route(topic, bytes(corr) if corr else None, rid)
+
+    def _publish(self, route: Route, doc: dict[str, Any]) -> bytes:
+        if route.request_id is not None:
+            doc["request_id"] = route.request_id
+        doc["served_by"] = self.settings.device_id
+        payload = json.dumps(doc, separators=(",", ":")).encode()
+        self._send(route, payload)
+        return payload
+
+    def _send(self, route: Route, payload: bytes) -> None:
+        assert self.client is not None
+        if (route.properties is None and self.settings.mqtt.protocol == "5"
+                and route.correlation is not None):
+            route.properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            route.properties.CorrelationData = route.correlation
+        self.client.publish(route.topic, payload, qos=1, properties=route.properties)
+
+    def _reject(self, msg: mqtt.MQTTMessage, gen: int, route: Route | None, status: int,
+                code: str, message: str) -> None:
+        self.stats[f"rejected_{code}"] += 1
+        log.warning("mqtt request rejected", topic=msg.topic, code=code, error=message,
+                    route=route.topic if route else None)
+        if route is None:
+            self.stats["no_route"] += 1
+        else:
+            body = protocol.error_body(message, "invalid_request_error" if status < 500
+                                       else "server_error", code)
+            body["error"]["status"] = status
+            self._publish(route, body)
+        self._ack(msg.mid, msg.qos, gen)
+
+    def attach_fleet(self, fleet: Fleet) -> None:
+        """Subscribe the configuration topics (now and after every reconnect) and route
+        them to ``fleet``."""
+        self._fleet = fleet
+
+        def subscribe(client: mqtt.Client) -> None:
+            topics = fleet.topics()
+            client.subscribe([(topics[k], 1) for k in ("device", "group") if k in topics])
+
+        self.on_connected.append(subscribe)
+        if self.client is not None and self.client.is_connected():
+            subscribe(self.client)
+
+    def _publish_retained(self, topic: str, payload: str) -> None:
+        if self.client is not None:
+            self.client.publish(topic, payload, qos=1, retain=True)
+
+    def on_ready(self) -> None:
+        """The model is loaded: handle the requests that arrived while it was loading."""
+        with self._lock:
+            held, self._held = self._held, []
+        for msg, gen in held:
+            self._handle_request(msg, gen)
+
+    def _handle_request(self, msg: mqtt.MQTTMessage, gen: int) -> None:
+        if not self._accepting:
+            return  # not acknowledged: the broker delivers it again after the restart
+        if not self.daemon.ready:
+            with self._lock:
+                if not self.daemon.ready:  # re-checked: on_ready may have just run
+                    self._held.append((msg, gen))
+                    return
+        self.stats["requests"] += 1
+        raw = msg.payload
+        if len(raw) > self.settings.mqtt.max_payload_bytes:
+            self._reject(msg, gen, self._route(msg, None), 413, "payload_too_large",
+                         f"payload of {len(raw)} bytes is over the limit of "
+                         f"{self.settings.mqtt.max_payload_bytes}")
+            return
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            self._reject(msg, gen, self._route(msg, None), 400, "invalid_json",
+                         f"the payload is not JSON: {exc}")
+            return
+        route = self._route(msg, doc if isinstance(doc, dict) else None)
+        if not isinstance(doc, dict):
+            self._reject(msg, gen, route, 400, "invalid_request",
+                         "the payload must be a JSON object")
+            return
+        if route is None:
+            self._reject(msg, gen, None, 400, "no_route",
+                         "no Response Topic and no reply_to: nowhere to answer")
+            return
+        key = _dedup_key(route)
+        if key is not None and self._replay(key, msg, gen):
+            return
+        try:
+            req = MqttChatRequest.model_validate(doc)
+        except ValidationError as exc:
+            detail = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
+                               for e in exc.errors())
+            self._reject(msg, gen, route, 400, "invalid_request", detail)
+            return
+        if req.deadline is not None and req.deadline <= time.time():
+            self._reject(msg, gen, route, 408, "expired", "the request's deadline has passed")
+            return
+        if self.daemon.scheduler is None:
+            self._reject(msg, gen, route, 503, "unavailable", "the model is not ready")
+            return
+        self._submit(msg, gen, route, req)
+
+    def _replay(self, key: str, msg: mqtt.MQTTMessage, gen: int) -> bool:
+        """A request id seen before: answer it once (replay the reply), never run it twice."""
+        with self._lock:
+            entry = self._recent.get(key)
+            if entry is None:
+                return False
+            self.stats["duplicates"] += 1
+            if not entry.done:
+                entry.acks.append((msg.mid, msg.qos, gen))
+                return True
+            replies = list(entry.replies)
+        log.info("duplicate mqtt request: replaying its reply", request_id=key)
+        for payload in replies:
+            self._send(entry.route, payload)
+        self._ack(msg.mid, msg.qos, gen)
+        return True
+
+    def _remember(self, key: str, entry: Entry) -> None:
+        with self._lock:
+            self._recent[key] = entry
+            while len(self._recent) > RECENT_IDS:
+                old_key, old = next(iter(self._recent.items()))
+                if not old.done:
+                    break
+                del self._recent[old_key]
+
+    def _submit(self, msg: mqtt.MQTTMessage, gen: int, route: Route,
+                req: MqttChatRequest) -> None:
+        daemon = self.daemon
+        scheduler = daemon.scheduler
+        assert scheduler is not None
+        try:
+            prepared = protocol.prepare_chat(req, scheduler.engine, daemon.settings,
+                                             daemon.model_id)
+        except AdmissionError as exc:
+            self._reject(msg, gen, route, exc.status, exc.code, exc.message)
+            return
+        if route.request_id is not None:
+            prepared.id = route.request_id
+        deadline = time.monotonic() + daemon.settings.limits.request_timeout_s
+        expiry = getattr(msg.properties, "MessageExpiryInterval", None) \
+            if msg.properties is not None else None
+        if expiry:
+            deadline = min(deadline, time.monotonic() + float(expiry))
+        if req.deadline is not None:
+            deadline = min(deadline, time.monotonic() + (req.deadline - time.time()))
+        entry = Entry(route, acks=[(msg.mid, msg.qos, gen)])
+        reply = _Reply(self, entry, prepared, req.stream)
+        job = Job(prepared.prompt_tokens, prepared.sampling, reply.sink, deadline,
+                  guidance=prepared.guidance, transport="mqtt")
+        entry.job = job
+        key = _dedup_key(route) or job.id
+        self._remember(key, entry)
+        try:
+            scheduler.submit(job)
+        except AdmissionError as exc:
+            with self._lock:
+                self._recent.pop(key, None)
+            self._reject(msg, gen, route, exc.status, exc.code, exc.message)
+
+    def _handle_cancel(self, msg: mqtt.MQTTMessage) -> None:
+        try:
+            doc = json.loads(msg.payload.decode("utf-8"))
+            key = doc["id"]
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+            self.stats["bad_cancels"] += 1
+            log.warning("malformed cancel ignored", payload=msg.payload[:200])
+            return
+        with self._lock:
+            entry = next((e for e in reversed(self._recent.values())
+                          if e.route.request_id == str(key) and not e.done), None)
+        if entry is None or entry.done or entry.job is None or self.daemon.scheduler is None:
+            log.info("cancel for an unknown or finished request", request_id=key)
+            return
+        self.daemon.scheduler.cancel(entry.job)
+        self.stats["cancels"] += 1
+
+    def finished(self, entry: Entry) -> None:
+        """The reply is published: acknowledge every delivery of this request."""
+        with self._lock:
+            entry.done = True
+            entry.job = None
+            acks, entry.acks = entry.acks, []
+        for mid, qos, gen in acks:
+            self._ack(mid, qos, gen)
+
+
+def _dedup_key(route: Route) -> str | None:
+    """A repeated delivery is the same request id for the same reply topic."""
+    if route.request_id is None:
+        return None
+    return f"{route.topic}\0{route.request_id}"
+
+
+class _Reply:
+    """Turns scheduler items into MQTT replies (called on the scheduler thread)."""
+
+    def __init__(self, transport: MqttTransport, entry: Entry, prepared: protocol.Prepared,
+                 stream: bool) -> None:
+        self.t = transport
+        self.entry = entry
+        self.p = prepared
+        self.stream = stream and not prepared.tool_mode
+        self.parts: list[str] = []
+        self.seq = 0
+
+    def _out(self, doc: dict[str, Any]) -> None:
+        self.entry.replies.append(self.t._publish(self.entry.route, doc))
+
+    def sink(self, item: Item) -> None:
+        """Called on the scheduler's thread: hand over, render and publish elsewhere."""
+        self.t.replies.put((self, item))
+
+    def handle(self, item: Item) -> None:
+        """Render and publish one item (on the transport's reply thread)."""
+        if isinstance(item, Delta):
+            if self.stream:
+                if item.text:
+                    self._chunk({"content": item.text}, None)
+            else:
+                self.parts.append(item.text)
+            return
+        if isinstance(item, JobError):
+            body = protocol.error_body(item.message, "invalid_request_error"
+                                       if item.status < 500 else "server_error", item.code)
+            body["error"]["status"] = item.status
+            self._out(body)
+        elif isinstance(item, Finish):
+            self._finish(item)
+        self.t.finished(self.entry)
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None,
+               usage: dict[str, int] | None = None) -> None:
+        doc = protocol.chat_chunk(self.p, delta, finish)
+        doc["seq"] = self.seq
+        self.seq += 1
+        if usage is not None:
+            doc["usage"] = usage
+        self._out(doc)
+
+    def _finish(self, fin: Finish) -> None:
+        reason = fin.reason if fin.reason in ("stop", "length") else "stop"
+        if fin.reason == "cancelled":
+            reason = "cancelled"
+        usage = protocol.usage(fin.prompt_tokens, fin.completion_tokens)
+        if self.stream:
+            self._chunk({"content": fin.tail} if fin.tail else {}, reason, usage)
+            return
+        text = "".join(self.parts) + fin.tail
+        try:
+            doc = protocol.chat_completion(self.p, text, fin.reason, fin.prompt_tokens,
+                                           fin.completion_tokens)
+        except (ValueError, KeyError) as exc:
+            self._out(protocol.error_body(f"the guided output did not parse: {exc}",
+                                          "server_error", "guidance_error"))
+            return
+        if fin.reason == "cancelled":
+            doc["choices"][0]["finish_reason"] = "cancelled"
+        self._out(doc)

@@ -1,0 +1,121 @@
+"""Admission under load: queue full (429), deadlines (408), and `edgeagent ask`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import DaemonProc
+
+pytestmark = pytest.mark.model
+
+LIMITS = ("[runtime]\nmax_batch = 1\ncontext_length = 4096\n"
+          "[limits]\nmax_queue = 1\nrequest_timeout_s = 5\n")
+LONG = {"messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": 2000, "min_tokens": 2000}
+
+
+def _client(d: DaemonProc) -> httpx.Client:
+    return httpx.Client(transport=httpx.HTTPTransport(uds=str(d.socket_path)),
+                        base_url="http://localhost", timeout=120)
+
+
+def _wait(client: httpx.Client, key: str, value: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while client.get("/health").json()["serving"][key] != value:
+        assert time.monotonic() < deadline, f"{key} never reached {value}"
+
+
+def test_queue_full_is_429_and_the_queue_drains(start_daemon: Any) -> None:
+    d: DaemonProc = start_daemon(extra_toml=LIMITS)
+    d.wait_ready()
+    queued: dict[str, Any] = {}
+    with _client(d) as client:
+        with client.stream("POST", "/v1/chat/completions", json={**LONG, "stream": True}) as a:
+            next(line for line in a.iter_lines() if line.startswith("data: "))  # running
+
+            def second() -> None:
+                with _client(d) as c2:
+                    queued["resp"] = c2.post("/v1/chat/completions", json={
+                        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+
+            worker = threading.Thread(target=second)
+            worker.start()
+            _wait(client, "queue_depth", 1)
+            third = client.post("/v1/chat/completions",
+                                json={"messages": [{"role": "user", "content": "Hi"}]})
+            assert third.status_code == 429
+            assert third.json()["error"]["code"] == "queue_full"
+        # the long stream is closed: its slot frees, the queued request runs
+        worker.join(60)
+        assert queued["resp"].status_code == 200, queued["resp"].text
+        _wait(client, "active_sequences", 0)
+        assert client.get("/health").json()["serving"]["rejected"] == {"queue_full": 1}
+
+
+def test_deadline_is_408(start_daemon: Any) -> None:
+    d: DaemonProc = start_daemon(extra_toml=LIMITS)
+    d.wait_ready()
+    with _client(d) as client:
+        resp = client.post("/v1/chat/completions", json=LONG)
+        assert resp.status_code == 408
+        assert resp.json()["error"]["code"] == "timeout"
+        lines = [ln for ln in client.post("/v1/chat/completions",
+                                          json={**LONG, "stream": True}).text.splitlines()
+                 if ln.startswith("data: ")]
+        assert '"code":"timeout"' in lines[-2]
+        assert lines[-1] == "data: [DONE]"
+        _wait(client, "active_sequences", 0)
+
+
+def test_ask_talks_to_the_socket(start_daemon: Any) -> None:
+    d: DaemonProc = start_daemon()
+    d.wait_ready()
+    res = subprocess.run([sys.executable, "-m", "edgeagent", "ask", "--socket",
+                          str(d.socket_path), "--max-tokens", "8", "Say hello."],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip()
+    res = subprocess.run([sys.executable, "-m", "edgeagent", "ask", "--socket",
+                          str(d.socket_path), "--model", "edgeagent:nope", "Hi"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    assert "unknown model" in res.stderr
+
+
+def _fake_machine(root: Path, available_mb: int) -> None:
+    """A /proc tree for the probe: 2 cores, 8 GB, ``available_mb`` available."""
+    (root / "proc" / "self").mkdir(parents=True, exist_ok=True)
+    (root / "proc" / "cpuinfo").write_text("".join(
+        f"processor\t: {i}\nphysical id\t: 0\ncore id\t\t: {i}\n\n" for i in range(2)))
+    (root / "proc" / "self" / "status").write_text("Cpus_allowed_list:\t0-1\n")
+    meminfo = root / "proc" / "meminfo"
+    tmp = meminfo.with_suffix(".tmp")
+    tmp.write_text(f"MemTotal: {8 * 2**20} kB\nMemFree: {available_mb * 1024} kB\n"
+                   f"MemAvailable: {available_mb * 1024} kB\n")
+    tmp.replace(meminfo)  # the daemon never reads a half-written file
+
+
+def test_memory_guard_refuses_new_work_with_503(start_daemon: Any, tmp_path: Path) -> None:
+    root = tmp_path / "machine"
+    _fake_machine(root, available_mb=4096)
+    d: DaemonProc = start_daemon(extra_toml=(
+        f'[runtime]\nprobe_root = "{root}"\ncontext_length = 1024\nmemory_headroom_mb = 256\n'))
+    d.wait_ready()
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    with _client(d) as client:
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+        _fake_machine(root, available_mb=100)  # below the 256 MB headroom
+        resp = client.post("/v1/chat/completions", json=body)
+        assert resp.status_code == 503
+        assert "below the planned headroom" in resp.json()["error"]["message"]
+        assert "memory guard" in d.logs()
+        _fake_machine(root, available_mb=4096)
+        assert client.post("/v1/chat/completions", json=body).status_code == 200

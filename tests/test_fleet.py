@@ -1,0 +1,214 @@
+"""Fleet configuration pushes against a real Mosquitto and a real daemon."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from edgeagent.fleet import PushError, check_push
+from tests.broker import Broker, Requester, requester
+from tests.conftest import REPO, DaemonProc
+
+pytestmark = [pytest.mark.model, pytest.mark.broker]
+
+DEVICE = "edgeagent/test-d/config/desired"
+GROUP = "edgeagent/group/line-1/config/desired"
+REPORTED = "edgeagent/test-d/config/reported"
+
+
+def _daemon(start_daemon: Any, broker: Broker, extra: str = "") -> DaemonProc:
+    d: DaemonProc = start_daemon(extra_toml=(
+        f'[mqtt]\nurl = "{broker.url}"\n[fleet]\ngroup = "line-1"\n{extra}'))
+    d.wait_ready()
+    return d
+
+
+def _push(r: Requester, topic: str, doc: dict[str, Any]) -> dict[str, Any]:
+    """Publish a push, retained, and wait for the report of that version."""
+    r.publish(topic, json.dumps(doc), response=False, retain=True)
+    while True:
+        t, report, _ = r.get(120)
+        if t == REPORTED and report.get("version") == doc.get("version"):
+            return dict(report)
+
+
+def _effective(d: DaemonProc) -> dict[str, Any]:
+    res = subprocess.run([sys.executable, "-m", "edgeagent", "config", "show", "--config",
+                          str(d.config)], capture_output=True, text=True, timeout=60,
+                         cwd=REPO, env={k: v for k, v in d.env.items() if k != "NOTIFY_SOCKET"})
+    return dict(json.loads(res.stdout))
+
+
+def _reporter(broker: Broker) -> Requester:
+    r = Requester(broker)
+    r.subscribe(REPORTED)
+    r.subscribe("edgeagent/test-d/telemetry")
+    return r
+
+
+def test_interval_change_by_push_takes_effect(start_daemon: Any, broker: Broker) -> None:
+    d = _daemon(start_daemon, broker)  # telemetry every 30 s by default
+    r = _reporter(broker)
+    try:
+        report = _push(r, DEVICE, {"version": 1, "settings": {"telemetry": {"interval_s": 0.2}}})
+        assert report["status"] == "applied", report
+        assert report["hash"]
+        seen = []
+        while len(seen) < 3:  # at 30 s this would not come
+            topic, doc, _ = r.get(30)
+            if topic.endswith("/telemetry"):
+                seen.append(doc)
+        assert seen[-1]["config"]["version"] == 1
+        assert _effective(d)["telemetry"]["interval_s"] == 0.2
+    finally:
+        r.close()
+
+
+def test_invalid_and_forbidden_pushes_are_rejected(start_daemon: Any, broker: Broker) -> None:
+    d = _daemon(start_daemon, broker, "[limits]\nmax_queue = 5\n")
+    r = _reporter(broker)
+    try:
+        report = _push(r, DEVICE, {"version": 1, "settings": {"limits": {"max_queue": "x"}}})
+        assert report["status"] == "rejected"
+        assert any(e.startswith("settings.limits.max_queue") for e in report["errors"])
+        report = _push(r, DEVICE, {"version": 2, "settings": {"socket": {"path": "/tmp/x"}}})
+        assert report["status"] == "rejected"
+        assert "settings.socket.path: not settable by the fleet" in report["errors"]
+        report = _push(r, DEVICE, {"version": 3, "settings": {
+            "model": {"path": "/etc"}}})
+        assert report["status"] == "rejected"
+        assert "must be inside" in report["errors"][0]
+        assert _effective(d)["limits"]["max_queue"] == 5, "the old configuration is kept"
+    finally:
+        r.close()
+
+
+def test_group_and_device_precedence_and_stale(start_daemon: Any, broker: Broker) -> None:
+    d = _daemon(start_daemon, broker)
+    r = _reporter(broker)
+    try:
+        group = _push(r, GROUP, {"version": 5, "settings": {
+            "limits": {"max_queue": 7, "default_max_tokens": 100}}})
+        assert group["status"] == "applied"
+        device = _push(r, DEVICE, {"version": 2, "settings": {"limits": {"max_queue": 9}}})
+        assert device["status"] == "applied"
+        limits = _effective(d)["limits"]
+        assert limits["max_queue"] == 9, "the device layer wins"
+        assert limits["default_max_tokens"] == 100, "the group layer still applies"
+        stale = _push(r, DEVICE, {"version": 1, "settings": {"limits": {"max_queue": 3}}})
+        assert stale["status"] == "stale"
+        assert _effective(d)["limits"]["max_queue"] == 9
+    finally:
+        r.close()
+
+
+def test_signatures(start_daemon: Any, broker: Broker, tmp_path: Path) -> None:
+    keys = tmp_path / "fleet"
+    subprocess.run([sys.executable, "-m", "edgeagent", "keygen", str(keys)], check=True,
+                   capture_output=True, cwd=REPO)
+    other = tmp_path / "other"
+    subprocess.run([sys.executable, "-m", "edgeagent", "keygen", str(other)], check=True,
+                   capture_output=True, cwd=REPO)
+    d = _daemon(start_daemon, broker, f'trusted_keys = ["{keys}.pub"]\n')
+    push = tmp_path / "push.json"
+    push.write_text(json.dumps({"version": 1, "settings": {"limits": {"max_queue": 11}}}))
+    r = _reporter(broker)
+    try:
+        unsigned = _push(r, DEVICE, json.loads(push.read_text()))
+        assert unsigned["status"] == "rejected"
+        assert "signature: required" in unsigned["errors"][0]
+        forged = subprocess.run(
+            [sys.executable, "-m", "edgeagent", "config", "push", "--mqtt", broker.url,
+             "--device", "test-d", str(push), "--sign", f"{other}.key", "--timeout", "60"],
+            capture_output=True, text=True, cwd=REPO, timeout=90)
+        assert forged.returncode == 1
+        assert "does not verify" in forged.stdout
+        good = subprocess.run(
+            [sys.executable, "-m", "edgeagent", "config", "push", "--mqtt", broker.url,
+             "--device", "test-d", str(push), "--sign", f"{keys}.key", "--timeout", "60"],
+            capture_output=True, text=True, cwd=REPO, timeout=90)
+        assert good.returncode == 0, good.stdout + good.stderr
+        assert '"status": "applied"' in good.stdout
+        assert _effective(d)["limits"]["max_queue"] == 11
+    finally:
+        r.close()
+
+
+def test_broken_model_rolls_back_while_serving(
+    start_daemon: Any, broker: Broker, default_model: Path
+) -> None:
+    d = _daemon(start_daemon, broker)
+    state = Path(_effective(d)["state_dir"])
+    broken = state / "models" / "broken"
+    broken.mkdir(parents=True)
+    shutil.copy(default_model / "genai_config.json", broken)
+    (broken / "model.onnx").write_bytes(b"not an onnx model")
+    served = threading.Event()
+    first = threading.Event()
+    results: list[int] = []
+
+    def keep_asking() -> None:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(d.socket_path)),
+                          base_url="http://localhost", timeout=60) as c:
+            while not served.is_set():
+                results.append(c.post("/v1/chat/completions", json={
+                    "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+                ).status_code)
+                first.set()
+
+    worker = threading.Thread(target=keep_asking)
+    worker.start()
+    assert first.wait(60)
+    r = _reporter(broker)
+    try:
+        report = _push(r, DEVICE, {"version": 4, "settings": {"model": {"path": str(broken)}}})
+    finally:
+        served.set()
+        worker.join(60)
+        r.close()
+    assert report["status"] == "rolled_back", report
+    assert set(results) == {200}, "requests kept being served"
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(d.socket_path)),
+                      base_url="http://localhost", timeout=60) as c:
+        after = c.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    assert after.status_code == 200
+    overlay = json.loads((state / "fleet-overlay.json").read_text()) if (
+        state / "fleet-overlay.json").exists() else {"settings": {}}
+    assert "model" not in overlay["settings"], "the last good overlay is back"
+    assert d.proc.poll() is None
+
+
+def test_kill_9_during_pushes_never_corrupts_the_overlay(
+    start_daemon: Any, broker: Broker
+) -> None:
+    d = _daemon(start_daemon, broker)
+    state = Path(_effective(d)["state_dir"])
+    with requester(broker) as r:
+        for version in range(1, 30):  # a burst; the daemon dies somewhere inside it
+            r.publish(DEVICE, json.dumps({"version": version, "settings": {
+                "limits": {"max_queue": version + 1}}}), response=False, retain=True)
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(30)
+    path = state / "fleet-overlay.json"
+    if path.exists():
+        doc = json.loads(path.read_text())  # whole, never torn
+        assert doc["settings"]["limits"]["max_queue"] == doc["version"] + 1
+
+
+def test_check_push_unit() -> None:
+    with pytest.raises(PushError) as err:
+        check_push({"version": -1, "settings": {"state_dir": "/x"}, "colour": 1}, [])
+    assert err.value.errors == ["colour: unknown field", "version: must be a non-negative "
+                                "integer", "settings.state_dir: not settable by the fleet"]
+    assert check_push({"version": 3, "settings": {"telemetry": {"interval_s": 5}}}, []) == (
+        3, {"telemetry": {"interval_s": 5}})

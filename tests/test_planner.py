@@ -1,0 +1,451 @@
+"""The planner: pure, against made-up machines and model metadata."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgeagent.planner import (
+    CONTEXT_GRANULARITY,
+    LOGITS_EXTRA_ROWS_PER_SEQUENCE,
+    ModelMeta,
+    Plan,
+    PlanError,
+    genai_overlay,
+    plan,
+)
+from edgeagent.probe import Hardware
+from edgeagent.settings import LimitsSettings, RuntimeSettings
+
+MB = 2**20
+GB = 2**30
+
+SMOL = ModelMeta(
+    name="smollm2-135m",
+    num_hidden_layers=30,
+    num_key_value_heads=3,
+    head_size=64,
+    vocab_size=49152,
+    max_context=8192,
+    weights_bytes=86 * MB,
+)
+PHI = ModelMeta(
+    name="phi4-mini",
+    num_hidden_layers=32,
+    num_key_value_heads=8,
+    head_size=128,
+    vocab_size=200064,
+    max_context=131072,
+    weights_bytes=int(2.7 * GB),
+)
+
+
+def box(
+    available: int = 8 * GB,
+    *,
+    cores: int = 4,
+    logical: int | None = None,
+    affinity: tuple[int, ...] | None = None,
+    quota: float | None = None,
+    cgroup_limit: int | None = None,
+    cgroup_usage: int | None = None,
+    topology: bool = True,
+) -> Hardware:
+    logical = logical or cores
+    return Hardware(
+        mem_total_bytes=max(available, 16 * GB),
+        mem_available_bytes=available,
+        cgroup_version=2 if cgroup_limit is not None else None,
+        cgroup_memory_limit_bytes=cgroup_limit,
+        cgroup_memory_usage_bytes=cgroup_usage,
+        logical_cpus=logical,
+        physical_cores=cores,
+        topology_known=topology,
+        affinity=affinity if affinity is not None else tuple(range(logical)),
+        cpu_quota_cores=quota,
+    )
+
+
+def rt(**kw: Any) -> RuntimeSettings:
+    return RuntimeSettings(**kw)
+
+
+def lim(**kw: Any) -> LimitsSettings:
+    return LimitsSettings(**kw)
+
+
+def fits(p: Plan) -> bool:
+    return p.total_bytes <= p.available_bytes
+
+
+# --------------------------------------------------------------------------- model meta
+
+
+def test_kv_bytes_per_token() -> None:
+    assert SMOL.kv_bytes_per_token == 2 * 30 * 3 * 64 * 4 == 46080
+    assert PHI.kv_bytes_per_token == 2 * 32 * 8 * 128 * 4
+
+
+def write_model(folder: Path, config: Any, **files: bytes) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "genai_config.json").write_text(
+        config if isinstance(config, str) else json.dumps(config)
+    )
+    for name, data in files.items():
+        (folder / name.replace("__", ".")).write_bytes(data)
+    return folder
+
+
+GENAI = {
+    "model": {
+        "type": "llama",
+        "context_length": 8192,
+        "vocab_size": 49152,
+        "decoder": {
+            "num_hidden_layers": 30,
+            "num_key_value_heads": 3,
+            "num_attention_heads": 9,
+            "head_size": 64,
+            "hidden_size": 576,
+        },
+    },
+    "search": {"max_length": 8192},
+}
+
+
+def test_from_folder(tmp_path: Path) -> None:
+    folder = write_model(
+        tmp_path / "m", GENAI,
+        model__onnx=b"x" * 1000, model__onnx__data=b"y" * 5000, tokenizer__json=b"{}" * 100,
+    )
+    meta = ModelMeta.from_folder(folder)
+    assert meta == ModelMeta("llama", 30, 3, 64, 49152, 8192, 6000, 4)
+
+
+def test_from_folder_manifest_kv_layout(tmp_path: Path) -> None:
+    folder = write_model(tmp_path / "smol", GENAI)
+    (folder / "edgeagent-manifest.json").write_text(
+        json.dumps({"files": {}, "kv_layout": {"bytes_per_element": 2}})
+    )
+    meta = ModelMeta.from_folder(folder)
+    assert meta.kv_bytes_per_element == 2
+    assert meta.kv_bytes_per_token == 23040
+
+
+def test_from_folder_head_size_from_hidden(tmp_path: Path) -> None:
+    config = json.loads(json.dumps(GENAI))
+    del config["model"]["decoder"]["head_size"]
+    del config["model"]["type"]
+    meta = ModelMeta.from_folder(write_model(tmp_path / "folder-name", config))
+    assert meta.head_size == 64
+    assert meta.name == "folder-name"
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        (None, "does not exist"),
+        ("{not json", "cannot be read"),
+        ({"model": {"decoder": {}}}, "num_hidden_layers"),
+        ({**GENAI, "model": {**GENAI["model"], "context_length": "big"}}, "context_length"),
+    ],
+)
+def test_from_folder_errors(tmp_path: Path, config: Any, match: str) -> None:
+    folder = tmp_path / "m"
+    if config is None:
+        folder.mkdir()
+    else:
+        write_model(folder, config)
+    with pytest.raises(PlanError, match=match):
+        ModelMeta.from_folder(folder)
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def test_threads_all_physical_cores() -> None:
+    p = plan(box(cores=2), SMOL, rt(), lim())
+    assert p.threads == 2
+    assert p.reasons["threads"] == "auto: 2 physical cores, affinity 0-1 (2 CPUs), no CPU quota"
+
+
+def test_threads_cpu_quota_rounds_up() -> None:
+    p = plan(box(cores=4, quota=1.5), SMOL, rt(), lim())
+    assert p.threads == 2
+    assert "CPU quota 1.5 cores" in p.reasons["threads"]
+
+
+def test_threads_tiny_quota_is_one() -> None:
+    assert plan(box(cores=4, quota=0.2), SMOL, rt(), lim()).threads == 1
+
+
+def test_threads_affinity_of_eight() -> None:
+    p = plan(box(cores=8, affinity=(0, 1)), SMOL, rt(), lim())
+    assert p.threads == 2
+    assert "affinity 0-1 (2 CPUs)" in p.reasons["threads"]
+
+
+def test_threads_hyperthreads_use_physical_cores() -> None:
+    p = plan(box(cores=4, logical=8), SMOL, rt(), lim())
+    assert p.threads == 4
+
+
+def test_threads_no_topology() -> None:
+    p = plan(box(cores=4, topology=False), SMOL, rt(), lim())
+    assert p.threads == 4
+    assert "core topology unknown" in p.reasons["threads"]
+
+
+def test_threads_unknown_cpus() -> None:
+    hw = Hardware(mem_total_bytes=4 * GB, mem_available_bytes=4 * GB)
+    p = plan(hw, SMOL, rt(), lim())
+    assert p.threads == 1
+    assert "unknown" in p.reasons["threads"]
+
+
+def test_explicit_threads_win() -> None:
+    p = plan(box(cores=4), SMOL, rt(threads=3), lim())
+    assert p.threads == 3
+    assert p.reasons["threads"].startswith("runtime.threads")
+    assert p.warnings == ()
+
+
+def test_explicit_threads_above_cpus_warn() -> None:
+    p = plan(box(cores=2), SMOL, rt(threads=8), lim())
+    assert p.threads == 8
+    assert "warning" in p.reasons["threads"]
+    assert len(p.warnings) == 1 and "runtime.threads=8" in p.warnings[0]
+
+
+def test_explicit_threads_zero() -> None:
+    with pytest.raises(PlanError, match=r"runtime\.threads=0"):
+        plan(box(), SMOL, rt(threads=0), lim())
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def test_plenty_of_memory_takes_caps() -> None:
+    p = plan(box(8 * GB), SMOL, rt(), lim())
+    assert (p.context_length, p.max_batch) == (4096, 4)
+    assert p.max_prompt_tokens == 4096 - 256
+    assert p.kv_bytes == SMOL.kv_bytes_per_token * 4096 * 4
+    assert p.logits_bytes == 49152 * 4 * (4096 + 1) * 4  # a prefill row per context token
+    assert p.headroom_bytes == 256 * MB
+    assert p.total_bytes == p.weights_bytes + p.kv_bytes + p.logits_bytes + p.headroom_bytes
+    assert p.provider == "cpu"
+    assert "auto_context_cap=4096" in p.reasons["context_length"]
+    assert fits(p)
+
+
+def test_model_limit_below_cap() -> None:
+    p = plan(box(8 * GB), SMOL, rt(auto_context_cap=16384), lim())
+    assert p.context_length == 8192
+    assert "model's limit 8192" in p.reasons["context_length"]
+
+
+def test_little_ram_shrinks_batch_first() -> None:
+    # room for about two 4096-token sequences: 86 + 256 + 2 * 994 MB (KV + prefill logits)
+    p = plan(box(86 * MB + 256 * MB + 2000 * MB), SMOL, rt(), lim())
+    assert (p.context_length, p.max_batch) == (4096, 2)
+    assert "memory-limited" in p.reasons["max_batch"]
+    assert fits(p)
+
+
+def test_little_ram_smaller_context() -> None:
+    p = plan(box(86 * MB + 256 * MB + 500 * MB), SMOL, rt(), lim())
+    assert p.max_batch == 1
+    assert p.context_length < 4096
+    assert p.context_length % CONTEXT_GRANULARITY == 0
+    # 500 MB / (46080 B KV + 196608 B logits row) per token = 2159 tokens -> 2048
+    assert p.context_length == 2048
+    assert "memory-limited to 2048 tokens" in p.reasons["context_length"]
+    assert p.max_prompt_tokens == 2048 - 256
+    assert fits(p)
+
+
+def test_cgroup_limit_binds() -> None:
+    hw = box(8 * GB, cgroup_limit=1000 * MB, cgroup_usage=200 * MB)
+    p = plan(hw, SMOL, rt(), lim())
+    assert p.available_bytes == 800 * MB
+    assert "cgroup limit 1000 MB less 200 MB in use" in p.reasons["memory"]
+    assert fits(p)
+
+
+def test_unknown_available_uses_total() -> None:
+    hw = Hardware(mem_total_bytes=2 * GB, physical_cores=2, logical_cpus=2)
+    p = plan(hw, SMOL, rt(), lim())
+    assert p.available_bytes == 2 * GB
+    assert "MemTotal" in p.reasons["memory"]
+
+
+def test_unknown_memory_is_an_error() -> None:
+    with pytest.raises(PlanError, match="memory"):
+        plan(Hardware(), SMOL, rt(), lim())
+
+
+def test_model_that_cannot_fit_at_256() -> None:
+    with pytest.raises(PlanError) as err:
+        plan(box(2 * GB), PHI, rt(), lim())
+    msg = str(err.value)
+    assert "phi4-mini does not fit" in msg
+    assert "2.7 GB of weights" in msg
+    assert "256 tokens" in msg
+    assert "256 MB headroom" in msg
+    assert "2.0 GB are available" in msg
+
+
+def test_explicit_context_that_cannot_fit() -> None:
+    with pytest.raises(PlanError) as err:
+        plan(box(700 * MB), SMOL, rt(context_length=8192, max_batch=4), lim())
+    msg = str(err.value)
+    assert msg.startswith("runtime.context_length=8192 with runtime.max_batch=4 needs 7.4 GB")
+    assert "only 358 MB are left after the 86 MB of weights and 256 MB headroom" in msg
+    assert msg.endswith("lower runtime.context_length or runtime.max_batch")
+
+
+def test_explicit_context_shrinks_auto_batch() -> None:
+    p = plan(box(86 * MB + 256 * MB + 1900 * MB), SMOL, rt(context_length=8192), lim())
+    assert (p.context_length, p.max_batch) == (8192, 1)
+    assert fits(p)
+
+
+def test_explicit_context_not_fitting_even_batch_one() -> None:
+    with pytest.raises(PlanError, match="even with max_batch=1"):
+        plan(box(500 * MB), SMOL, rt(context_length=8192), lim())
+
+
+def test_explicit_context_above_model_limit() -> None:
+    with pytest.raises(PlanError, match="above the model's limit of 8192"):
+        plan(box(64 * GB), SMOL, rt(context_length=16384), lim())
+
+
+def test_explicit_context_not_multiple_of_256_is_kept() -> None:
+    p = plan(box(), SMOL, rt(context_length=1000, max_batch=2), lim())
+    assert (p.context_length, p.max_batch) == (1000, 2)
+
+
+def test_explicit_batch_shrinks_context() -> None:
+    p = plan(box(86 * MB + 256 * MB + 1200 * MB), SMOL, rt(max_batch=4), lim())
+    assert p.max_batch == 4
+    # 1200 MB / ((46080 + 196608) * 4) = 1295 -> 1280
+    assert p.context_length == 1280
+    assert fits(p)
+
+
+def test_explicit_batch_zero() -> None:
+    with pytest.raises(PlanError, match=r"runtime\.max_batch=0"):
+        plan(box(), SMOL, rt(max_batch=0), lim())
+
+
+def test_small_cap_not_rounded() -> None:
+    p = plan(box(), SMOL, rt(auto_context_cap=100), lim(min_output_tokens=16))
+    assert p.context_length == 100
+    assert p.max_prompt_tokens == 84
+
+
+# --------------------------------------------------------------------------- prompt limit
+
+
+def test_max_prompt_at_least_half_context() -> None:
+    p = plan(box(), SMOL, rt(context_length=512), lim(min_output_tokens=400))
+    assert p.max_prompt_tokens == 256
+    assert "half" in p.reasons["max_prompt_tokens"]
+
+
+def test_explicit_max_prompt() -> None:
+    p = plan(box(), SMOL, rt(), lim(max_prompt_tokens=1000))
+    assert p.max_prompt_tokens == 1000
+
+
+def test_explicit_max_prompt_not_below_context() -> None:
+    with pytest.raises(PlanError, match=r"limits\.max_prompt_tokens=4096"):
+        plan(box(), SMOL, rt(), lim(max_prompt_tokens=4096))
+
+
+# --------------------------------------------------------------------------- output
+
+
+def test_describe_mentions_every_reason() -> None:
+    p = plan(box(86 * MB + 256 * MB + 100 * MB, quota=1.5), SMOL, rt(threads=8), lim())
+    text = p.describe()
+    for key in ("threads", "context_length", "max_batch", "max_prompt_tokens", "provider"):
+        assert p.reasons[key] in text
+    assert p.reasons["memory"] in text
+    for label in ("available", "weights", "KV cache", "logits", "headroom", "total"):
+        assert label in text
+    assert "warning:" in text
+    assert f"{p.kv_bytes / MB:.1f}" in text
+
+
+def test_to_dict_is_json() -> None:
+    p = plan(box(), SMOL, rt(), lim())
+    doc = json.loads(json.dumps(p.to_dict()))
+    assert doc["threads"] == 4
+    assert doc["reasons"]["provider"] == "runtime.provider"
+    assert doc["spare_bytes"] == p.available_bytes - p.total_bytes
+    assert "threads=4" in p.summary()
+
+
+def test_genai_overlay() -> None:
+    p = plan(box(cores=2), SMOL, rt(), lim())
+    assert genai_overlay(p) == {
+        "model": {"decoder": {"session_options": {"intra_op_num_threads": 2}}},
+        "search": {"max_length": 4096},
+        "engine": {"static_batching": {"max_batch_size": p.max_batch}},
+    }
+
+
+# --------------------------------------------------------------------------- property
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    # log-uniform from 1 MB to 64 GB: every regime, from "nothing fits" to "caps bind"
+    available=st.floats(min_value=20, max_value=36).map(lambda e: int(2**e)),
+    cores=st.integers(min_value=1, max_value=128),
+    quota=st.none() | st.floats(min_value=0.01, max_value=256),
+    context=st.sampled_from(["auto", 256, 1000, 4096, 8192]),
+    batch=st.sampled_from(["auto", 1, 3, 8]),
+    cap=st.integers(min_value=64, max_value=20000),
+    batch_cap=st.integers(min_value=1, max_value=16),
+    headroom_mb=st.integers(min_value=0, max_value=1024),
+    model=st.sampled_from([SMOL, PHI]),
+)
+def test_a_plan_always_fits(
+    available: int, cores: int, quota: float | None, context: Any, batch: Any, cap: int,
+    batch_cap: int, headroom_mb: int, model: ModelMeta,
+) -> None:
+    runtime = rt(
+        context_length=context, max_batch=batch, auto_context_cap=cap,
+        auto_max_batch_cap=batch_cap, memory_headroom_mb=headroom_mb,
+    )
+    try:
+        p = plan(box(available, cores=cores, quota=quota), model, runtime, lim())
+    except PlanError as exc:
+        assert str(exc)
+        if context == "auto" and batch == "auto":
+            # refused only when even the smallest plan does not fit
+            smallest = min(CONTEXT_GRANULARITY, cap, model.max_context)
+            need = (
+                model.weights_bytes + headroom_mb * MB + model.kv_bytes_per_token * smallest
+                + model.vocab_size * 4 * (smallest + LOGITS_EXTRA_ROWS_PER_SEQUENCE)
+            )
+            assert need > available
+        return
+    assert p.total_bytes <= p.available_bytes
+    assert p.threads >= 1
+    assert p.threads <= cores
+    if quota is not None:
+        assert p.threads <= max(1, math.ceil(quota))
+    assert 1 <= p.context_length <= model.max_context
+    assert p.max_batch >= 1
+    assert 1 <= p.max_prompt_tokens < p.context_length
+    if context == "auto" and p.context_length != min(cap, model.max_context):
+        assert p.context_length % CONTEXT_GRANULARITY == 0
