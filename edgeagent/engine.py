@@ -1,8 +1,18 @@
 """The engine: the one module that owns ``og.Model`` and its tokenizer.
 
-It formats chats with the model's own chat template, turns sampling parameters into
-onnxruntime-genai search options, and generates token by token. The scheduler drives it;
+It formats chats with the model's own chat template, batches sequences on
+``og.Generator`` and samples token by token. The scheduler drives it from one thread;
 transports never touch it.
+
+Batching is static (docs/engine-notes.md): the sequences pending when a batch starts run
+together, up to ``capacity``; later ones wait for the next batch. A batch is one
+``og.Generator`` whose rows are the prompts, left-padded with the pad token. Its search is
+greedy; a row that asks for more (temperature, top_p, top_k, seed, repetition penalty,
+min_tokens) has its logits rewritten with NumPy before the step, so each request keeps its
+own sampling inside a shared batch. A guided request (JSON schema) runs alone under
+onnxruntime-genai's own sampler, which applies the grammar. A prompt longer than
+``plan.prefill_chunk`` runs alone too, fed one chunk per step: a prefill's memory is bounded
+by the chunk, and a cancel lands between chunks.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import numpy as np
 import onnxruntime_genai as og
 import structlog
 
+from edgeagent.manifest import read_genai_config
 from edgeagent.planner import Plan, genai_overlay
 
 log = structlog.get_logger(__name__)
@@ -41,6 +52,12 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @property
+    def rewrites_logits(self) -> bool:
+        """Whether the engine must touch this sequence's logits before a step."""
+        return (not self.greedy or self.repetition_penalty != 1.0 or self.min_tokens > 0
+                or self.ignore_eos)
 
 
 @dataclass
@@ -97,42 +114,94 @@ class StopMatcher:
         return out
 
 
+#: Top-p sampling sorts only this many of the most likely tokens (all of them when these
+#: do not reach top_p).
+TOP_P_CANDIDATES = 1024
+
+
+def sample_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+    """Draw a token from one row of logits with temperature, top_k and top_p."""
+    x = logits.astype(np.float64) / max(sampling.temperature, 1e-6)
+    x -= x.max()
+    vocab = x.shape[0]
+    top_k = sampling.top_k if 0 < sampling.top_k < vocab else 0
+    if not top_k and sampling.top_p >= 1.0:
+        probs = np.exp(x)
+        return int(rng.choice(vocab, p=probs / probs.sum()))
+    total = 1.0 if top_k else float(np.exp(x).sum())
+    for width in (top_k or min(TOP_P_CANDIDATES, vocab), vocab):
+        cand = np.argpartition(x, vocab - width)[vocab - width:]
+        cand = cand[np.argsort(-x[cand], kind="stable")]
+        probs = np.exp(x[cand])
+        mass = probs / (probs.sum() if top_k else total)
+        cum = np.cumsum(mass)
+        if top_k or cum[-1] >= sampling.top_p or width == vocab:
+            keep = int(np.searchsorted(cum, sampling.top_p * cum[-1])) + 1
+            kept = probs[: min(keep, len(cand))]
+            return int(cand[rng.choice(len(kept), p=kept / kept.sum())])
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 @dataclass(eq=False)
 class Sequence:
-    """One request's turn inside the onnxruntime-genai engine."""
+    """One request's generation: its prompt, sampling, and the tokens produced so far."""
 
-    request: Any
-    turn_id: int
-    prompt_tokens: int
+    prompt: np.ndarray
     sampling: Sampling
+    guidance: tuple[str, str] | None
+    max_new: int
     stream: Any
     stops: StopMatcher
+    rng: np.random.Generator
     produced: list[int] = field(default_factory=list)
-    stopped_by_string: bool = False
+    cancel_requested: bool = False
     finished: bool = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def min_new(self) -> int:
+        """Tokens to generate before EOS is allowed."""
+        if self.sampling.ignore_eos:
+            return self.max_new
+        return min(self.max_new, self.sampling.min_tokens)
 
 
 Event = tuple[Sequence, "Delta | Finish"]
 
-_TOKEN = int(og.EngineEventFlags.TOKEN)
-_FINISHED = int(og.EngineEventFlags.TURN_FINISHED)
-_FAILED = int(og.EngineEventFlags.FAILED)
-_REASONS = {
-    og.FinishReason.EOS: "stop",
-    og.FinishReason.STOP_STRING: "stop",
-    og.FinishReason.MAX_GENERATED_TOKENS: "length",
-    og.FinishReason.MAX_SESSION_TOKENS: "length",
-    og.FinishReason.CANCELLED: "cancelled",
-    og.FinishReason.FAILED: "error",
-}
+
+@dataclass(eq=False)
+class _Batch:
+    """One ``og.Generator`` and the sequences in its rows."""
+
+    generator: Any
+    rows: list[Sequence]
+    prompt: np.ndarray  # (rows, padded prompt length), left-padded
+    chunk: int
+    fed: int = 0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < int(self.prompt.shape[1])
+
+    @property
+    def done(self) -> bool:
+        return all(seq.finished for seq in self.rows)
+
+    def feed(self) -> None:
+        """Append the next chunk of the prompt (all of it for a batch of several rows:
+        onnxruntime-genai appends once when batch_size > 1)."""
+        end = self.prompt.shape[1] if len(self.rows) > 1 else self.fed + self.chunk
+        self.generator.append_tokens(np.ascontiguousarray(self.prompt[:, self.fed:end]))
+        self.fed = min(end, self.prompt.shape[1])
 
 
 class Engine:
-    """An onnxruntime-genai model loaded under a plan, batching with ``og.Engine``.
+    """An onnxruntime-genai model loaded under a plan, batching on ``og.Generator``.
 
-    With a CPU model, ``og.Engine`` batches statically: the sequences pending when a batch
-    starts run together (up to ``capacity``); later ones wait for the next batch (see
-    docs/engine-notes.md). Everything here runs on the scheduler's thread.
+    Everything but the text helpers runs on the scheduler's thread.
     """
 
     def __init__(self, model_path: Path, plan: Plan) -> None:
@@ -143,10 +212,11 @@ class Engine:
         self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
         self.eos_ids: frozenset[int] = frozenset(int(t) for t in self.tokenizer.eos_token_ids)
-        self._engine: Any = None  # og.Engine, created on the thread that runs it
-        self._capacity = 0
-        self._buffer: Any = None
-        self._live: dict[int, Sequence] = {}
+        self._eos = np.asarray(sorted(self.eos_ids), dtype=np.int64)
+        pad = read_genai_config(model_path)["model"].get("pad_token_id")
+        self.pad_id = int(pad) if isinstance(pad, int) else min(self.eos_ids, default=0)
+        self._pending: list[Sequence] = []
+        self._batch: _Batch | None = None
 
     # ------------------------------------------------------------------ text
     def chat_prompt(
@@ -169,29 +239,19 @@ class Engine:
 
     # ------------------------------------------------------------ generation
     @property
-    def active(self) -> int:
-        return len(self._live)
-
-    def _bind(self) -> Any:
-        """Create the og.Engine on the calling thread: it must be driven from there only."""
-        if self._engine is None:
-            self._engine = og.Engine(self.model)
-            caps = self._engine.get_capabilities()
-            engine_cap = int(caps.configured_max_batch_size) or self.plan.max_batch
-            self._capacity = max(1, min(self.plan.max_batch, engine_cap))
-            self._buffer = self._engine.create_event_buffer(max(64, self._capacity * 4))
-        return self._engine
-
-    @property
     def capacity(self) -> int:
-        """Sequences the batch holds; call from the thread that drives the engine."""
-        self._bind()
-        return self._capacity
+        """Sequences a batch holds."""
+        return max(1, self.plan.max_batch)
 
     @property
     def capacity_hint(self) -> int:
-        """The capacity for other threads (the plan's until the engine is bound)."""
-        return self._capacity or self.plan.max_batch
+        return self.capacity
+
+    @property
+    def active(self) -> int:
+        """Sequences started and not finished: pending, or in the running batch."""
+        running = sum(not seq.finished for seq in self._batch.rows) if self._batch else 0
+        return len(self._pending) + running
 
     def start(
         self,
@@ -199,71 +259,154 @@ class Engine:
         sampling: Sampling,
         guidance: tuple[str, str] | None = None,
     ) -> Sequence:
-        """Add a sequence to the running batch; its tokens come out of ``step()``."""
-        max_new = max(1, min(sampling.max_tokens, self.plan.context_length - len(prompt_tokens)))
-        request = self._bind().create_request()
-        opts = og.TurnOptions(request)
-        opts.set_max_generated_tokens(max_new)
-        opts.set_do_sample(not sampling.greedy)
-        if not sampling.greedy:
-            opts.set_temperature(sampling.temperature)
-            opts.set_top_p(sampling.top_p)
-            opts.set_top_k(sampling.top_k)
-        if sampling.repetition_penalty != 1.0:
-            opts.set_repetition_penalty(sampling.repetition_penalty)
-        if sampling.ignore_eos:
-            opts.set_min_generated_tokens(max_new)
-        elif sampling.min_tokens:
-            opts.set_min_generated_tokens(min(max_new, sampling.min_tokens))
-        if guidance is not None:
-            opts.set_guidance(*guidance)
-        try:
-            turn = int(request.begin_turn(prompt_tokens, opts))
-        except Exception:
-            request.close()
-            raise
-        seq = Sequence(request, turn, len(prompt_tokens), sampling,
-                       self.tokenizer.create_stream(), StopMatcher(sampling.stop))
-        self._live[id(request)] = seq
+        """Queue a sequence for the next batch; its tokens come out of ``step()``."""
+        prompt = np.asarray(prompt_tokens, dtype=np.int32).reshape(-1)
+        room = self.plan.context_length - len(prompt)
+        if len(prompt) == 0 or room < 1:
+            raise ValueError(
+                f"a prompt of {len(prompt)} tokens does not fit the context length "
+                f"{self.plan.context_length}"
+            )
+        seq = Sequence(prompt, sampling, guidance, max(1, min(sampling.max_tokens, room)),
+                       self.tokenizer.create_stream(), StopMatcher(sampling.stop),
+                       np.random.default_rng(sampling.seed))
+        self._pending.append(seq)
         return seq
 
     def cancel(self, seq: Sequence) -> None:
         """Stop a sequence; its Finish("cancelled") comes out of the next ``step()``."""
-        if not seq.finished:
-            seq.request.cancel_turn(seq.turn_id)
+        seq.cancel_requested = True
 
     def step(self) -> list[Event]:
-        """Run one engine step: a token (or a prefill) for every live sequence."""
+        """One step: a prefill chunk, or a token for every live sequence of the batch."""
         out: list[Event] = []
-        if not self._live:
-            return out
-        for ev in self._engine.run(self._buffer):
-            seq = self._live.get(id(ev.request))
-            if seq is None or seq.finished:
-                continue
-            flags = int(ev.flags)
-            if flags & _TOKEN and not seq.stopped_by_string:
-                token = int(ev.token)
-                if token not in self.eos_ids or seq.sampling.ignore_eos:
-                    seq.produced.append(token)
-                    text, hit = seq.stops.feed(seq.stream.decode(token))
-                    out.append((seq, Delta(token, text)))
-                    if hit:
-                        seq.stopped_by_string = True
-                        seq.request.cancel_turn(seq.turn_id)
-            if flags & (_FINISHED | _FAILED):
-                out.append((seq, self._finish(seq, ev, flags)))
+        self._reap_cancelled(out)
+        if self._batch is None:
+            if not self._pending:
+                return out
+            try:
+                self._batch = self._form_batch()
+            except Exception as exc:  # e.g. a guidance grammar onnxruntime-genai refuses
+                seq = self._pending.pop(0)
+                log.error("could not start a batch", error=str(exc))
+                out.append((seq, self._finish(seq, "error")))
+                return out
+        batch = self._batch
+        try:
+            if batch.prefilling:
+                batch.feed()
+                if batch.prefilling:
+                    return out  # the next chunk comes with the next step
+            self._rewrite_logits(batch)
+            batch.generator.generate_next_token()
+            tokens = batch.generator.get_next_tokens()
+        except Exception:
+            self._batch, self._pending = None, []
+            raise
+        for row, seq in enumerate(batch.rows):
+            if not seq.finished:
+                out.extend(self._accept(seq, int(tokens[row])))
+        if batch.done or batch.generator.is_done():
+            out.extend((seq, self._finish(seq, "stop")) for seq in batch.rows if not seq.finished)
+            self._batch = None  # frees the generator and its KV cache
         return out
 
-    def _finish(self, seq: Sequence, ev: Any, flags: int) -> Finish:
+    def _reap_cancelled(self, out: list[Event]) -> None:
+        for seq in [s for s in self._pending if s.cancel_requested]:
+            self._pending.remove(seq)
+            out.append((seq, self._finish(seq, "cancelled")))
+        if self._batch is not None:
+            for seq in self._batch.rows:
+                if seq.cancel_requested and not seq.finished:
+                    out.append((seq, self._finish(seq, "cancelled")))
+            if self._batch.done:
+                self._batch = None
+
+    def _form_batch(self) -> _Batch:
+        """The next batch: the oldest pending sequence, and those that can share its batch."""
+        chunk = self.plan.prefill_chunk
+        first = self._pending[0]
+        rows = [first]
+        if first.guidance is None and len(first.prompt) <= chunk:
+            width, longest = len(first.prompt), first.max_new
+            for seq in self._pending[1:]:
+                if len(rows) >= self.capacity:
+                    break
+                w, n = max(width, len(seq.prompt)), max(longest, seq.max_new)
+                if seq.guidance is None and len(seq.prompt) <= chunk and (
+                        w + n <= self.plan.context_length):
+                    rows.append(seq)
+                    width, longest = w, n
+        for seq in rows:
+            self._pending.remove(seq)
+        width = max(len(seq.prompt) for seq in rows)
+        prompt = np.full((len(rows), width), self.pad_id, dtype=np.int32)
+        for i, seq in enumerate(rows):
+            prompt[i, width - len(seq.prompt):] = seq.prompt
+        params = og.GeneratorParams(self.model)
+        options: dict[str, Any] = {
+            "max_length": width + max(seq.max_new for seq in rows),
+            "batch_size": len(rows),
+            "do_sample": False,
+        }
+        if first.guidance is not None:
+            # Alone, with onnxruntime-genai's sampler: it applies the grammar's mask.
+            params.set_guidance(*first.guidance)
+            sampling = first.sampling
+            options.update(do_sample=not sampling.greedy,
+                           repetition_penalty=sampling.repetition_penalty)
+            if not sampling.greedy:
+                options.update(temperature=sampling.temperature, top_p=sampling.top_p,
+                               top_k=sampling.top_k)
+            if sampling.seed is not None:
+                options["random_seed"] = sampling.seed
+        params.set_search_options(**options)
+        return _Batch(og.Generator(self.model, params), rows, prompt, chunk)
+
+    def _rewrite_logits(self, batch: _Batch) -> None:
+        """Apply each row's own sampling: penalties and EOS masks, then the draw."""
+        if batch.rows[0].guidance is not None:
+            return
+        rows = [(i, seq) for i, seq in enumerate(batch.rows)
+                if not seq.finished and seq.sampling.rewrites_logits]
+        if not rows:
+            return
+        logits = np.array(batch.generator.get_logits(), dtype=np.float32)
+        for i, seq in rows:
+            logits[i, -1] = self._rewrite(seq, logits[i, -1])
+        batch.generator.set_logits(logits)
+
+    def _rewrite(self, seq: Sequence, row: np.ndarray) -> np.ndarray:
+        sampling = seq.sampling
+        if sampling.repetition_penalty != 1.0:
+            seen = np.unique(np.concatenate([seq.prompt, np.asarray(seq.produced, np.int32)]))
+            values = row[seen]
+            penalty = sampling.repetition_penalty
+            row[seen] = np.where(values > 0, values / penalty, values * penalty)
+        if len(seq.produced) < seq.min_new:
+            row[self._eos] = -np.inf
+        if sampling.greedy:
+            return row  # the generator's greedy search takes the argmax
+        token = sample_token(row, sampling, seq.rng)
+        forced = np.full_like(row, -np.inf)
+        forced[token] = 0.0
+        return forced
+
+    def _accept(self, seq: Sequence, token: int) -> list[Event]:
+        if token in self.eos_ids and len(seq.produced) >= seq.min_new:
+            return [(seq, self._finish(seq, "stop"))]
+        seq.produced.append(token)
+        text, hit = seq.stops.feed(seq.stream.decode(token))
+        out: list[Event] = [(seq, Delta(token, text))]
+        if hit:
+            out.append((seq, self._finish(seq, "stop", stopped_by_string=True)))
+        elif len(seq.produced) >= seq.max_new:
+            out.append((seq, self._finish(seq, "length")))
+        return out
+
+    def _finish(self, seq: Sequence, reason: str, stopped_by_string: bool = False) -> Finish:
         seq.finished = True
-        del self._live[id(seq.request)]
-        reason = "stop" if seq.stopped_by_string else _REASONS.get(ev.finish_reason, "stop")
-        if flags & _FAILED:
-            reason = "error"
-            log.error("sequence failed in the engine", error_code=str(ev.error_code))
-        tail = "" if seq.stopped_by_string else seq.stops.flush()
-        seq.request.close()
+        tail = "" if stopped_by_string or reason == "cancelled" else seq.stops.flush()
         return Finish(reason, seq.prompt_tokens, len(seq.produced), seq.produced, tail)
 
     def generate(

@@ -19,6 +19,7 @@ import mmap
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -143,35 +144,85 @@ def _fields(buf: mmap.mmap | bytes, start: int, end: int) -> Iterator[tuple[int,
             raise ValueError(f"unsupported wire type {wire}")
 
 
-def onnx_input_types(onnx_path: Path) -> dict[str, int]:
-    """Graph input name -> ONNX element type, read without the ``onnx`` package.
+@dataclass(frozen=True)
+class OnnxValue:
+    """An ONNX graph input or output: element type and dimensions (a number or a name)."""
 
-    ModelProto.graph is field 7, GraphProto.input field 11, ValueInfoProto.name 1 and .type 2,
-    TypeProto.tensor_type 1, TypeProto.Tensor.elem_type 1. The file is memory-mapped, so
-    weights embedded in it are skipped, not read.
+    elem_type: int | None
+    dims: tuple[int | str, ...]
+
+
+def _value_info(buf: mmap.mmap, start: int, end: int) -> tuple[str | None, OnnxValue]:
+    """ValueInfoProto: name 1, type 2; TypeProto.tensor_type 1; Tensor.elem_type 1, shape 2;
+    TensorShapeProto.dim 1; Dimension.dim_value 1 or dim_param 2."""
+    name: str | None = None
+    elem_type: int | None = None
+    dims: list[int | str] = []
+    for f_vi, w_vi, v_start, v_end in _fields(buf, start, end):
+        if f_vi == 1 and w_vi == 2:
+            name = bytes(buf[v_start:v_end]).decode("utf-8")
+        elif f_vi == 2 and w_vi == 2:
+            for f_t, w_t, t_start, t_end in _fields(buf, v_start, v_end):
+                if f_t != 1 or w_t != 2:
+                    continue
+                for f_e, w_e, e_val, e_end in _fields(buf, t_start, t_end):
+                    if f_e == 1 and w_e == 0:
+                        elem_type = e_val
+                    elif f_e == 2 and w_e == 2:
+                        for f_d, w_d, d_start, d_end in _fields(buf, e_val, e_end):
+                            if f_d != 1 or w_d != 2:
+                                continue
+                            dim: int | str = "?"
+                            for f_x, w_x, x_val, x_end in _fields(buf, d_start, d_end):
+                                if f_x == 1 and w_x == 0:
+                                    dim = x_val
+                                elif f_x == 2 and w_x == 2:
+                                    dim = bytes(buf[x_val:x_end]).decode("utf-8")
+                            dims.append(dim)
+    return name, OnnxValue(elem_type, tuple(dims))
+
+
+def onnx_graph_io(onnx_path: Path) -> tuple[dict[str, OnnxValue], dict[str, OnnxValue]]:
+    """The graph's inputs and outputs by name, read without the ``onnx`` package.
+
+    ModelProto.graph is field 7, GraphProto.input 11 and .output 12. The file is
+    memory-mapped, so weights embedded in it are skipped, not read.
     """
-    out: dict[str, int] = {}
+    inputs: dict[str, OnnxValue] = {}
+    outputs: dict[str, OnnxValue] = {}
     with onnx_path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         for field, wire, g_start, g_end in _fields(buf, 0, len(buf)):
             if field != 7 or wire != 2:
                 continue
             for f_in, w_in, i_start, i_end in _fields(buf, g_start, g_end):
-                if f_in != 11 or w_in != 2:
-                    continue
-                name, elem_type = None, None
-                for f_vi, w_vi, v_start, v_end in _fields(buf, i_start, i_end):
-                    if f_vi == 1 and w_vi == 2:
-                        name = bytes(buf[v_start:v_end]).decode("utf-8")
-                    elif f_vi == 2 and w_vi == 2:
-                        for f_t, w_t, t_start, t_end in _fields(buf, v_start, v_end):
-                            if f_t == 1 and w_t == 2:
-                                for f_e, w_e, value, _ in _fields(buf, t_start, t_end):
-                                    if f_e == 1 and w_e == 0:
-                                        elem_type = value
-                if name is not None and elem_type is not None:
-                    out[name] = elem_type
+                if f_in in (11, 12) and w_in == 2:
+                    name, value = _value_info(buf, i_start, i_end)
+                    if name is not None:
+                        (inputs if f_in == 11 else outputs)[name] = value
             break
-    return out
+    return inputs, outputs
+
+
+def onnx_input_types(onnx_path: Path) -> dict[str, int]:
+    """Graph input name -> ONNX element type."""
+    inputs, _ = onnx_graph_io(onnx_path)
+    return {name: v.elem_type for name, v in inputs.items() if v.elem_type is not None}
+
+
+def logits_last_position_only(model_dir: Path, genai_config: Mapping[str, Any]) -> bool:
+    """True when the decoder returns logits for the last position only (a pruned LM head,
+    ``prune_lm_head``): then a prefill costs one vocabulary row, not one per prompt token.
+    False when unknown."""
+    decoder = genai_config.get("model", {}).get("decoder", {})
+    filename = str(decoder.get("filename", "model.onnx"))
+    name = str(decoder.get("outputs", {}).get("logits", "logits"))
+    try:
+        _, outputs = onnx_graph_io(model_dir / filename)
+    except (OSError, ValueError, IndexError) as exc:
+        log.debug("logits shape not readable from the onnx model", error=str(exc))
+        return False
+    logits = outputs.get(name)
+    return logits is not None and len(logits.dims) == 3 and logits.dims[1] == 1
 
 
 def _kv_dtype(model_dir: Path, decoder: Mapping[str, Any]) -> tuple[str, int, str]:

@@ -4,9 +4,12 @@
 model's :class:`ModelMeta` and the settings, and returns a :class:`Plan` whose every choice
 carries its reason, or raises a :class:`PlanError` naming the numbers. The memory budget::
 
-    weights + kv_bytes_per_token * context_length * max_batch + logits + headroom <= available
+    weights + kv_bytes_per_token * context_length * max_batch + prefill + headroom <= available
 
-where *available* is the probe's effective available memory (MemAvailable, bounded by the
+where *prefill* is what one prefill step needs beyond the KV cache: its logits (a row per
+sequence for a model with a pruned LM head, a row per chunk position otherwise) and the
+attention scores of one chunk of ``prefill_chunk`` tokens against the whole context; and
+*available* is the probe's effective available memory (MemAvailable, bounded by the
 cgroup limit less the cgroup's working set), or the total when that is unknown. The KV cache
 is counted at its full size up front: onnxruntime-genai's CPU GroupQueryAttention models
 share one past/present buffer of ``max_length`` per sequence, allocated when a sequence starts.
@@ -19,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeagent.manifest import logits_last_position_only
 from edgeagent.probe import Hardware, format_cpu_list
 from edgeagent.settings import LimitsSettings, RuntimeSettings
 
@@ -28,13 +32,17 @@ GB = 2**30
 #: Automatic context lengths are multiples of this.
 CONTEXT_GRANULARITY = 256
 
-#: Logits, in float32 vocabulary rows: og.Engine prefills a prompt in one run and the model
-#: (built without a pruned LM head, which og.Engine's static batching cannot use) returns a
-#: row for every prompt position, so a sequence can need a row per context token, plus one
-#: row that sampling keeps (docs/engine-notes.md). For SmolLM2 that is 192 KB a token, more
-#: than its KV cache.
-LOGITS_EXTRA_ROWS_PER_SEQUENCE = 1
+#: Prefill runs in chunks of at most this many prompt tokens (docs/engine-notes.md): a long
+#: prompt is fed a chunk per step, so what a prefill needs beyond the KV cache is bounded by
+#: the chunk, not by the prompt.
+PREFILL_CHUNK = 256
+#: A model whose LM head is not pruned returns a float32 vocabulary row for every position
+#: of a chunk; its chunk shrinks so that a batch's prefill logits stay within this.
+FULL_LOGITS_BUDGET = 32 * 2**20
+MIN_PREFILL_CHUNK = 16
 LOGITS_BYTES_PER_ELEMENT = 4
+#: Attention scores are float32: heads x chunk x context for the sequence being prefilled.
+ATTENTION_BYTES_PER_ELEMENT = 4
 
 MANIFEST_FILE = "edgeagent-manifest.json"
 GENAI_CONFIG_FILE = "genai_config.json"
@@ -73,6 +81,10 @@ class ModelMeta:
     weights_bytes: int
     #: Bytes per KV cache element: 4 for this model's float32 CPU cache.
     kv_bytes_per_element: int = 4
+    #: Query heads (attention scores during prefill); 0: as many as the KV heads.
+    num_attention_heads: int = 0
+    #: The model returns logits for the last position only (a pruned LM head).
+    last_logits_only: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -90,6 +102,10 @@ class ModelMeta:
                 )
         if self.weights_bytes < 0:
             raise PlanError(f"model {self.name}: weights_bytes must be >= 0")
+
+    @property
+    def attention_heads(self) -> int:
+        return self.num_attention_heads or self.num_key_value_heads
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -169,6 +185,8 @@ class ModelMeta:
             max_context=need_int("model", "context_length"),
             weights_bytes=_weights_bytes(path),
             kv_bytes_per_element=kv_bytes,
+            num_attention_heads=heads if isinstance(heads, int) and heads > 0 else 0,
+            last_logits_only=logits_last_position_only(path, config),
         )
 
 
@@ -196,7 +214,11 @@ class Plan:
     weights_bytes: int
     kv_bytes_per_token: int
     kv_bytes: int
+    #: Prefill chunk (tokens), and what a prefill needs beyond the KV cache: logits rows and
+    #: attention scores.
+    prefill_chunk: int
     logits_bytes: int
+    attention_bytes: int
     headroom_bytes: int
     total_bytes: int
     #: Choice -> why: "threads", "context_length", "max_batch", "max_prompt_tokens",
@@ -252,11 +274,16 @@ class Plan:
             (
                 "logits",
                 self.logits_bytes,
-                f"prefill: {self.context_length} + {LOGITS_EXTRA_ROWS_PER_SEQUENCE} vocab rows "
-                f"x batch {self.max_batch}",
+                f"prefill chunks of {self.prefill_chunk} tokens, batch {self.max_batch}",
+            ),
+            (
+                "attention",
+                self.attention_bytes,
+                f"prefill scores: a {self.prefill_chunk}-token chunk x {self.context_length} "
+                "tokens",
             ),
             ("headroom", self.headroom_bytes, "runtime.memory_headroom_mb"),
-            ("total", self.total_bytes, "weights + KV cache + logits + headroom"),
+            ("total", self.total_bytes, "weights + KV cache + prefill + headroom"),
             ("spare", self.spare_bytes, ""),
         ]
         for label, value, note in account:
@@ -273,8 +300,6 @@ def genai_overlay(plan: Plan) -> dict[str, Any]:
             "decoder": {"session_options": {"intra_op_num_threads": plan.threads}},
         },
         "search": {"max_length": plan.context_length},
-        # og.Engine's static batch scheduler holds up to this many sequences (default 4).
-        "engine": {"static_batching": {"max_batch_size": plan.max_batch}},
     }
 
 
@@ -334,14 +359,30 @@ def _choose_threads(hw: Hardware, runtime: RuntimeSettings) -> tuple[int, str, l
     return threads, f"auto: {context}", []
 
 
-def _logits_bytes(meta: ModelMeta, batch: int, context: int) -> int:
-    rows = context + LOGITS_EXTRA_ROWS_PER_SEQUENCE
-    return meta.vocab_size * LOGITS_BYTES_PER_ELEMENT * rows * batch
+def prefill_chunk(meta: ModelMeta, batch: int) -> int:
+    """Prompt tokens a prefill step feeds: PREFILL_CHUNK, less for a model returning a
+    logits row per position, so that ``batch`` sequences' rows fit FULL_LOGITS_BUDGET."""
+    if meta.last_logits_only:
+        return PREFILL_CHUNK
+    rows = FULL_LOGITS_BUDGET // (meta.vocab_size * LOGITS_BYTES_PER_ELEMENT * batch)
+    return max(MIN_PREFILL_CHUNK, min(PREFILL_CHUNK, rows))
+
+
+def _logits_bytes(meta: ModelMeta, batch: int) -> int:
+    """Logits of a prefill step: a row per sequence, or per chunk position without pruning."""
+    rows = batch if meta.last_logits_only else batch * prefill_chunk(meta, batch)
+    return meta.vocab_size * LOGITS_BYTES_PER_ELEMENT * rows
+
+
+def _attention_bytes(meta: ModelMeta, batch: int, context: int) -> int:
+    """Attention scores of a prefill step: one chunk against everything before it."""
+    return meta.attention_heads * prefill_chunk(meta, batch) * context * ATTENTION_BYTES_PER_ELEMENT
 
 
 def _per_token(meta: ModelMeta, batch: int) -> int:
-    """Bytes one more context token costs: its KV cache and its prefill logits row."""
-    return (meta.kv_bytes_per_token + meta.vocab_size * LOGITS_BYTES_PER_ELEMENT) * batch
+    """Bytes one more context token costs: its KV cache, and its column of prefill scores."""
+    return (meta.kv_bytes_per_token * batch
+            + meta.attention_heads * prefill_chunk(meta, batch) * ATTENTION_BYTES_PER_ELEMENT)
 
 
 def _largest_context(room: int, meta: ModelMeta, batch: int, ceiling: int) -> int:
@@ -350,7 +391,7 @@ def _largest_context(room: int, meta: ModelMeta, batch: int, ceiling: int) -> in
     The ceiling (model limit or cap) is taken as is when it fits; a memory-limited context
     is rounded down to a multiple of CONTEXT_GRANULARITY, so below one step nothing fits.
     """
-    room_kv = room - _logits_bytes(meta, batch, 0)
+    room_kv = room - _logits_bytes(meta, batch)
     if room_kv <= 0:
         return 0
     fits = room_kv // _per_token(meta, batch)
@@ -360,7 +401,8 @@ def _largest_context(room: int, meta: ModelMeta, batch: int, ceiling: int) -> in
 
 
 def _need(meta: ModelMeta, context: int, batch: int) -> int:
-    return meta.kv_bytes_per_token * context * batch + _logits_bytes(meta, batch, context)
+    return (meta.kv_bytes_per_token * context * batch + _logits_bytes(meta, batch)
+            + _attention_bytes(meta, batch, context))
 
 
 def plan(
@@ -401,7 +443,7 @@ def plan(
             "cannot plan: neither the available nor the total memory of this machine is known "
             "(/proc/meminfo unreadable)"
         )
-    room = available - meta.weights_bytes - headroom  # for KV cache and logits
+    room = available - meta.weights_bytes - headroom  # for KV cache and prefill
     after = (
         f"after the {_fmt(meta.weights_bytes)} of weights and {_fmt(headroom)} headroom "
         f"out of {_fmt(available)} available ({memory_source})"
@@ -437,8 +479,9 @@ def plan(
     def no_room(what: str, context: int, batch: int) -> PlanError:
         need = _need(meta, context, batch)
         return PlanError(
-            f"{what} needs {_fmt(need)} of KV cache and logits "
-            f"({_per_token(meta, 1)} B/token x {context} tokens x {batch}), but {left}"
+            f"{what} needs {_fmt(need)}: KV cache ({meta.kv_bytes_per_token} B/token x "
+            f"{context} tokens x {batch}) and prefill memory "
+            f"({_fmt(need - meta.kv_bytes_per_token * context * batch)}), but {left}"
         )
 
     # ---- context and batch
@@ -510,8 +553,8 @@ def plan(
                 total = meta.weights_bytes + _need(meta, smallest, 1) + headroom
                 raise PlanError(
                     f"model {meta.name} does not fit: {_fmt(meta.weights_bytes)} of weights + "
-                    f"{_fmt(_need(meta, smallest, 1))} of KV cache and logits for {smallest} "
-                    f"tokens + {_fmt(headroom)} headroom = {_fmt(total)}, but only "
+                    f"{_fmt(_need(meta, smallest, 1))} of KV cache and prefill memory for "
+                    f"{smallest} tokens + {_fmt(headroom)} headroom = {_fmt(total)}, but only "
                     f"{_fmt(available)} are available ({memory_source}); free memory, raise the "
                     "cgroup memory limit, lower runtime.memory_headroom_mb or use a smaller model"
                 )
@@ -521,8 +564,8 @@ def plan(
             )
             reasons["context_length"] = (
                 f"auto: memory-limited to {ctx} tokens ({ceiling_why} would need "
-                f"{_fmt(_need(meta, ceiling, 1))} of KV cache and logits; {_fmt(room)} are left "
-                f"{after})"
+                f"{_fmt(_need(meta, ceiling, 1))} of KV cache and prefill memory; {_fmt(room)} "
+                f"are left {after})"
             )
 
     # ---- prompt limit
@@ -545,8 +588,9 @@ def plan(
 
     reasons["provider"] = "runtime.provider"
     kv = meta.kv_bytes_per_token * ctx * batch
-    logits = _logits_bytes(meta, batch, ctx)
-    total = meta.weights_bytes + kv + logits + headroom
+    logits = _logits_bytes(meta, batch)
+    attention = _attention_bytes(meta, batch, ctx)
+    total = meta.weights_bytes + kv + logits + attention + headroom
     reasons["memory"] = memory_source
     return Plan(
         threads=threads,
@@ -558,7 +602,9 @@ def plan(
         weights_bytes=meta.weights_bytes,
         kv_bytes_per_token=meta.kv_bytes_per_token,
         kv_bytes=kv,
+        prefill_chunk=prefill_chunk(meta, batch),
         logits_bytes=logits,
+        attention_bytes=attention,
         headroom_bytes=headroom,
         total_bytes=total,
         reasons=reasons,
@@ -568,7 +614,7 @@ def plan(
 
 __all__ = [
     "CONTEXT_GRANULARITY",
-    "LOGITS_EXTRA_ROWS_PER_SEQUENCE",
+    "PREFILL_CHUNK",
     "ModelMeta",
     "Plan",
     "PlanError",

@@ -254,10 +254,11 @@ class Scheduler:
                     self._fail_all("the daemon stopped")
                     return
                 self._maybe_swap()
-                admitted = self._admit_from_queue()
+                # Started under the lock: a job is always in the queue or running, so
+                # drain() never sees it in between.
+                for job in self._admit_from_queue():
+                    self._start(job)
                 self._apply_cancels()
-            for job in admitted:
-                self._start(job)
             if self._running:
                 try:
                     events = self._engine.step()
@@ -315,6 +316,7 @@ class Scheduler:
         return admitted
 
     def _start(self, job: Job) -> None:
+        """Hand a job to the engine (cheap: the engine only queues it); under the lock."""
         try:
             seq = self._engine.start(job.prompt_tokens, job.sampling, job.guidance)
         except Exception as exc:
@@ -323,8 +325,7 @@ class Scheduler:
             self._deliver(job, JobError(400, "invalid_request_error", str(exc)))
             return
         job.seq = seq
-        with self._cond:
-            self._running[id(seq)] = job
+        self._running[id(seq)] = job
 
     def _apply_cancels(self) -> None:
         now = time.monotonic()

@@ -39,7 +39,9 @@ def test_queue_full_is_429_and_the_queue_drains(start_daemon: Any) -> None:
     queued: dict[str, Any] = {}
     with _client(d) as client:
         with client.stream("POST", "/v1/chat/completions", json={**LONG, "stream": True}) as a:
-            next(line for line in a.iter_lines() if line.startswith("data: "))  # running
+            # Keep the line iterator: a discarded one closes the connection, which cancels.
+            lines = a.iter_lines()
+            next(line for line in lines if line.startswith("data: "))  # running
 
             def second() -> None:
                 with _client(d) as c2:

@@ -68,6 +68,7 @@ def test_sigterm_drains_in_flight_work(start_daemon: Any) -> None:
     lines = result["lines"]
     assert lines[-1] == "[DONE]"
     last = json.loads(lines[-2])
+    assert "choices" in last, last
     assert last["choices"][0]["finish_reason"] == "length", "the stream ran to its end"
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from edgeagent.planner import (
     CONTEXT_GRANULARITY,
-    LOGITS_EXTRA_ROWS_PER_SEQUENCE,
+    PREFILL_CHUNK,
     ModelMeta,
     Plan,
     PlanError,
@@ -34,6 +34,8 @@ SMOL = ModelMeta(
     vocab_size=49152,
     max_context=8192,
     weights_bytes=86 * MB,
+    num_attention_heads=9,
+    last_logits_only=True,  # built with a pruned LM head
 )
 PHI = ModelMeta(
     name="phi4-mini",
@@ -43,6 +45,7 @@ PHI = ModelMeta(
     vocab_size=200064,
     max_context=131072,
     weights_bytes=int(2.7 * GB),
+    num_attention_heads=24,  # microsoft's ONNX folder returns logits for every position
 )
 
 
@@ -125,7 +128,8 @@ def test_from_folder(tmp_path: Path) -> None:
         model__onnx=b"x" * 1000, model__onnx__data=b"y" * 5000, tokenizer__json=b"{}" * 100,
     )
     meta = ModelMeta.from_folder(folder)
-    assert meta == ModelMeta("llama", 30, 3, 64, 49152, 8192, 6000, 4)
+    assert meta == ModelMeta("llama", 30, 3, 64, 49152, 8192, 6000, 4, num_attention_heads=9)
+    assert not meta.last_logits_only  # unknown (no readable onnx graph): assume every row
 
 
 def test_from_folder_manifest_kv_layout(tmp_path: Path) -> None:
@@ -236,9 +240,12 @@ def test_plenty_of_memory_takes_caps() -> None:
     assert (p.context_length, p.max_batch) == (4096, 4)
     assert p.max_prompt_tokens == 4096 - 256
     assert p.kv_bytes == SMOL.kv_bytes_per_token * 4096 * 4
-    assert p.logits_bytes == 49152 * 4 * (4096 + 1) * 4  # a prefill row per context token
+    assert p.prefill_chunk == PREFILL_CHUNK
+    assert p.logits_bytes == 49152 * 4 * 4  # pruned LM head: one row per sequence
+    assert p.attention_bytes == 9 * PREFILL_CHUNK * 4096 * 4  # one chunk against the context
     assert p.headroom_bytes == 256 * MB
-    assert p.total_bytes == p.weights_bytes + p.kv_bytes + p.logits_bytes + p.headroom_bytes
+    assert p.total_bytes == (p.weights_bytes + p.kv_bytes + p.logits_bytes + p.attention_bytes
+                             + p.headroom_bytes)
     assert p.provider == "cpu"
     assert "auto_context_cap=4096" in p.reasons["context_length"]
     assert fits(p)
@@ -251,19 +258,19 @@ def test_model_limit_below_cap() -> None:
 
 
 def test_little_ram_shrinks_batch_first() -> None:
-    # room for about two 4096-token sequences: 86 + 256 + 2 * 994 MB (KV + prefill logits)
-    p = plan(box(86 * MB + 256 * MB + 2000 * MB), SMOL, rt(), lim())
+    # room for two 4096-token sequences: 2 x 180 MB of KV cache + 36 MB of prefill scores
+    p = plan(box(86 * MB + 256 * MB + 450 * MB), SMOL, rt(), lim())
     assert (p.context_length, p.max_batch) == (4096, 2)
     assert "memory-limited" in p.reasons["max_batch"]
     assert fits(p)
 
 
 def test_little_ram_smaller_context() -> None:
-    p = plan(box(86 * MB + 256 * MB + 500 * MB), SMOL, rt(), lim())
+    p = plan(box(86 * MB + 256 * MB + 120 * MB), SMOL, rt(), lim())
     assert p.max_batch == 1
     assert p.context_length < 4096
     assert p.context_length % CONTEXT_GRANULARITY == 0
-    # 500 MB / (46080 B KV + 196608 B logits row) per token = 2159 tokens -> 2048
+    # 120 MB / (46080 B KV + 9 x 256 x 4 B of prefill scores) per token = 2272 -> 2048
     assert p.context_length == 2048
     assert "memory-limited to 2048 tokens" in p.reasons["context_length"]
     assert p.max_prompt_tokens == 2048 - 256
@@ -305,13 +312,15 @@ def test_explicit_context_that_cannot_fit() -> None:
     with pytest.raises(PlanError) as err:
         plan(box(700 * MB), SMOL, rt(context_length=8192, max_batch=4), lim())
     msg = str(err.value)
-    assert msg.startswith("runtime.context_length=8192 with runtime.max_batch=4 needs 7.4 GB")
+    assert msg.startswith("runtime.context_length=8192 with runtime.max_batch=4 needs 1.5 GB: "
+                          "KV cache (46080 B/token x 8192 tokens x 4)")
     assert "only 358 MB are left after the 86 MB of weights and 256 MB headroom" in msg
     assert msg.endswith("lower runtime.context_length or runtime.max_batch")
 
 
 def test_explicit_context_shrinks_auto_batch() -> None:
-    p = plan(box(86 * MB + 256 * MB + 1900 * MB), SMOL, rt(context_length=8192), lim())
+    # one 8192-token sequence needs 360 MB of KV cache and 72 MB of prefill scores; two, 792
+    p = plan(box(86 * MB + 256 * MB + 600 * MB), SMOL, rt(context_length=8192), lim())
     assert (p.context_length, p.max_batch) == (8192, 1)
     assert fits(p)
 
@@ -332,10 +341,10 @@ def test_explicit_context_not_multiple_of_256_is_kept() -> None:
 
 
 def test_explicit_batch_shrinks_context() -> None:
-    p = plan(box(86 * MB + 256 * MB + 1200 * MB), SMOL, rt(max_batch=4), lim())
+    p = plan(box(86 * MB + 256 * MB + 300 * MB), SMOL, rt(max_batch=4), lim())
     assert p.max_batch == 4
-    # 1200 MB / ((46080 + 196608) * 4) = 1295 -> 1280
-    assert p.context_length == 1280
+    # (300 MB - 4 logits rows) / (46080 * 4 + 9 * 256 * 4) B per token = 1621 -> 1536
+    assert p.context_length == 1536
     assert fits(p)
 
 
@@ -378,7 +387,7 @@ def test_describe_mentions_every_reason() -> None:
     for key in ("threads", "context_length", "max_batch", "max_prompt_tokens", "provider"):
         assert p.reasons[key] in text
     assert p.reasons["memory"] in text
-    for label in ("available", "weights", "KV cache", "logits", "headroom", "total"):
+    for label in ("available", "weights", "KV cache", "logits", "attention", "headroom", "total"):
         assert label in text
     assert "warning:" in text
     assert f"{p.kv_bytes / MB:.1f}" in text
@@ -398,7 +407,6 @@ def test_genai_overlay() -> None:
     assert genai_overlay(p) == {
         "model": {"decoder": {"session_options": {"intra_op_num_threads": 2}}},
         "search": {"max_length": 4096},
-        "engine": {"static_batching": {"max_batch_size": p.max_batch}},
     }
 
 
@@ -435,7 +443,8 @@ def test_a_plan_always_fits(
             smallest = min(CONTEXT_GRANULARITY, cap, model.max_context)
             need = (
                 model.weights_bytes + headroom_mb * MB + model.kv_bytes_per_token * smallest
-                + model.vocab_size * 4 * (smallest + LOGITS_EXTRA_ROWS_PER_SEQUENCE)
+                + model.vocab_size * 4 * (1 if model.last_logits_only else 128)
+                + model.attention_heads * PREFILL_CHUNK * smallest * 4
             )
             assert need > available
         return
