@@ -2,7 +2,10 @@
 """Soak the daemon: mixed traffic for a while, RSS and file descriptors sampled throughout.
 
     .venv/bin/python scripts/soak.py --seconds 60          # short (the test suite runs it)
-    .venv/bin/python scripts/soak.py --seconds 3600        # long
+    .venv/bin/python scripts/soak.py --long                # an hour
+
+RSS growth is a trend (the median of the last fifth of the samples after warm-up less the
+median of the first fifth), so a transient peak is not counted as growth.
 
 Traffic, from several client threads at once: socket and MQTT, streaming and not, cancels
 (a stream closed early, an MQTT cancel), and bad inputs. The daemon's own Mosquitto and
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import threading
@@ -35,6 +39,15 @@ PROMPTS = ["Name a colour.", "Say hello.", "Count to five.", "What is 2 + 2?",
            "Name a river.", "Write one word."]
 BAD = [b"{not json", b"\xff\xfe", b'{"messages": []}', b'{"messages": "x"}',
        b'{"messages": [{"role": "user", "content": "hi"}], "colour": 1}']
+
+
+def rss_growth(rss_mb: list[float]) -> float:
+    """Growth as a trend: the median of the last fifth of the samples less the median of the
+    first fifth. A transient peak (a full batch's buffers, freed again) is not growth."""
+    if len(rss_mb) < 2:
+        return 0.0
+    fifth = max(1, len(rss_mb) // 5)
+    return statistics.median(rss_mb[-fifth:]) - statistics.median(rss_mb[:fifth])
 
 
 def daemon_fds(pid: int) -> int:
@@ -93,6 +106,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--long", action="store_true", help="a one-hour soak (--seconds 3600)")
     ap.add_argument("--warmup", type=float, default=None, help="default: a fifth of the run")
     ap.add_argument("--clients", type=int, default=3, help="HTTP client threads")
     ap.add_argument("--mqtt-clients", type=int, default=2)
@@ -101,6 +115,8 @@ def main() -> int:
     args = ap.parse_args()
     from edgeagent.settings import Settings
 
+    if args.long:
+        args.seconds = 3600.0
     model = args.model or Settings().model_path
     broker = Broker(Path(tempfile.mkdtemp(prefix="soak-mq-", dir="/tmp")))
     broker.start()
@@ -136,7 +152,7 @@ def main() -> int:
     with d.client() as c:
         serving = c.get("/health").json()["serving"]
     after = [s for s in samples if s[0] >= warmup]
-    growth = (max(s[1] for s in after) - after[0][1]) if after else 0.0
+    growth = rss_growth([s[1] for s in after])
     fds_growth = (after[-1][2] - after[0][2]) if after else 0
     alive = d.proc.poll() is None
     d.stop()
@@ -146,6 +162,7 @@ def main() -> int:
         "rss_mb_first_after_warmup": after[0][1] if after else None,
         "rss_mb_max": max(s[1] for s in samples) if samples else None,
         "rss_growth_after_warmup_mb": round(growth, 2), "fd_growth": fds_growth,
+        "rss_mb_every_10s": [round(s[1], 1) for s in samples[::10]],
         "active_sequences_at_end": serving["active_sequences"],
         "queue_depth_at_end": serving["queue_depth"], "daemon_alive": alive,
     }

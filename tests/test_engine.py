@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime_genai as og
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from edgeagent.engine import Delta, Engine, Finish, Sampling, StopMatcher
+from edgeagent.engine import Delta, Engine, Finish, Sampling, StopMatcher, sample_token
 from edgeagent.planner import ModelMeta, genai_overlay, plan
 from edgeagent.probe import probe
 from edgeagent.settings import LimitsSettings, RuntimeSettings
@@ -105,6 +107,71 @@ def test_batch_runs_sequences_together(engine: Engine) -> None:
                 finished[id(seq)] = item
     assert {id(s) for s in seqs} == set(finished)
     assert all(f.completion_tokens == 8 for f in finished.values())
+
+
+def _run(engine: Engine, prompts: list[np.ndarray], sampling: Sampling) -> list[list[int]]:
+    seqs = [engine.start(p, sampling) for p in prompts]
+    done: dict[int, Finish] = {}
+    while engine.active:
+        for seq, item in engine.step():
+            if isinstance(item, Finish):
+                done[id(seq)] = item
+    return [done[id(s)].tokens for s in seqs]
+
+
+def test_a_seed_gives_the_same_tokens_alone_and_in_a_batch(engine: Engine) -> None:
+    prompt = engine.encode(engine.chat_prompt([{"role": "user", "content": "Say hi."}]))
+    seeded = Sampling(max_tokens=12, temperature=1.0, top_p=0.95, seed=7, ignore_eos=True)
+    alone = _run(engine, [prompt], seeded)[0]
+    assert _run(engine, [prompt], seeded)[0] == alone  # reproducible
+    batched = _run(engine, [prompt, prompt], seeded)  # same prompt: same logits in each row
+    assert batched == [alone, alone]
+    other = _run(engine, [prompt], Sampling(max_tokens=12, temperature=1.0, top_p=0.95, seed=8,
+                                            ignore_eos=True))[0]
+    assert other != alone
+
+
+def test_mixed_sampling_in_one_batch_keeps_greedy_rows_exact(engine: Engine) -> None:
+    greedy_prompt = engine.encode(engine.chat_prompt(MESSAGES))
+    expected = raw_loop(engine, greedy_prompt, 10)
+    greedy = engine.start(greedy_prompt, Sampling(max_tokens=10, ignore_eos=True))
+    engine.start(greedy_prompt, Sampling(max_tokens=10, temperature=1.5, seed=1))
+    out: dict[int, Finish] = {}
+    while engine.active:
+        for seq, item in engine.step():
+            if isinstance(item, Finish):
+                out[id(seq)] = item
+    assert out[id(greedy)].tokens == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), top_k=st.integers(0, 50),
+       top_p=st.floats(0.01, 1.0), temperature=st.floats(0.05, 2.0))
+def test_sample_token_stays_in_the_nucleus(seed: int, top_k: int, top_p: float,
+                                           temperature: float) -> None:
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 3, size=2000).astype(np.float32)
+    s = Sampling(temperature=temperature, top_p=top_p, top_k=top_k)
+    token = sample_token(logits, s, np.random.default_rng(seed))
+    order = np.argsort(-logits)
+    rank = int(np.nonzero(order == token)[0][0])
+    if top_k:
+        assert rank < top_k
+    probs = np.exp((logits[order] - logits.max()) / temperature)
+    probs /= probs.sum()
+    if top_k:
+        probs = probs[:top_k] / probs[:top_k].sum()
+    # the token is inside the smallest prefix whose mass reaches top_p
+    assert rank == 0 or probs[:rank].sum() < top_p + 1e-6
+    assert sample_token(logits, s, np.random.default_rng(seed)) == token  # seeded
+
+
+def test_sample_token_with_a_peaked_distribution_is_the_argmax() -> None:
+    logits = np.zeros(49152, dtype=np.float32)
+    logits[1234] = 50.0
+    for top_p, top_k in ((1.0, 0), (0.5, 0), (1.0, 10), (0.9, 3)):
+        s = Sampling(temperature=1.0, top_p=top_p, top_k=top_k)
+        assert sample_token(logits, s, np.random.default_rng(0)) == 1234
 
 
 @pytest.mark.parametrize(("pieces", "stops", "expected", "hit"), [
