@@ -244,10 +244,6 @@ class Engine:
         return max(1, self.plan.max_batch)
 
     @property
-    def capacity_hint(self) -> int:
-        return self.capacity
-
-    @property
     def active(self) -> int:
         """Sequences started and not finished: pending, or in the running batch."""
         running = sum(not seq.finished for seq in self._batch.rows) if self._batch else 0

@@ -242,7 +242,6 @@ class Scheduler:
 
     # ------------------------------------------------------------ the loop
     def _loop(self) -> None:
-        self._engine.capacity  # noqa: B018 - binds og.Engine to this thread
         while True:
             with self._cond:
                 while not self._stop and not self._running and not self._queue_ready():
@@ -274,8 +273,8 @@ class Scheduler:
     def _gather(self) -> None:
         """From idle, wait a moment (``runtime.batch_window_ms``) for more arrivals.
 
-        og.Engine batches statically: sequences that arrive while a batch runs wait for
-        the next one. Requests that come together should start together.
+        Batches are static: sequences that arrive while a batch runs wait for the next
+        one. Requests that come together should start together.
         """
         window = self.settings.runtime.batch_window_ms / 1000
         if not self._queue or window <= 0:
@@ -292,7 +291,6 @@ class Scheduler:
         if self._pending_swap is not None and not self._running:
             self._engine, self.plan = self._pending_swap
             self._pending_swap = None
-            self._engine.capacity  # noqa: B018 - binds the new og.Engine to this thread
             log.info("scheduler now uses the reloaded engine")
 
     def _admit_from_queue(self) -> list[Job]:
@@ -408,7 +406,7 @@ class Scheduler:
         return {
             "queue_depth": self.queue_depth,
             "active_sequences": self.active,
-            "capacity": self._engine.capacity_hint,
+            "capacity": self._engine.capacity,
             "submitted": self.stats.submitted,
             "completed": self.stats.completed,
             "cancelled": self.stats.cancelled,
