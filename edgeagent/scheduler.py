@@ -75,6 +75,9 @@ Sink = Callable[[Item], None]
 
 _ids = itertools.count(1)
 
+#: The batch window applies for this long after requests last overlapped.
+CONCURRENCY_MEMORY_S = 10.0
+
 
 @dataclass(eq=False)
 class Job:
@@ -121,6 +124,7 @@ class Scheduler:
         self._accepting = True
         self._stop = False
         self._pending_swap: tuple[Engine, Plan] | None = None
+        self._last_overlap = -CONCURRENCY_MEMORY_S  # when a job last arrived alongside another
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
 
     # ----------------------------------------------------------- properties
@@ -183,6 +187,8 @@ class Scheduler:
                     f"the queue is full ({self.settings.limits.max_queue} requests waiting); "
                     "retry later"
                 )
+            if self._queue or self._running:
+                self._last_overlap = time.monotonic()
             self._queue.append(job)
             self.stats.submitted += 1
             self._cond.notify()
@@ -274,10 +280,14 @@ class Scheduler:
         """From idle, wait a moment (``runtime.batch_window_ms``) for more arrivals.
 
         Batches are static: sequences that arrive while a batch runs wait for the next
-        one. Requests that come together should start together.
+        one. Requests that come together should start together. Only worth its latency
+        when requests have overlapped lately: a lone client's requests start at once.
         """
         window = self.settings.runtime.batch_window_ms / 1000
         if not self._queue or window <= 0:
+            return
+        if len(self._queue) == 1 and (
+                time.monotonic() - self._last_overlap > CONCURRENCY_MEMORY_S):
             return
         until = self._queue[0].submitted + window
         while (not self._stop and len(self._queue) < self._engine.capacity

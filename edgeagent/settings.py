@@ -106,7 +106,8 @@ class RuntimeSettings(Section):
         ge=0,
         le=1000,
         description="From idle, how long the scheduler waits for more requests so that "
-        "requests arriving together are generated as one batch.",
+        "requests arriving together are generated as one batch (only while requests have "
+        "overlapped in the last 10 seconds: a lone client's requests start at once).",
     )
     probe_root: Path = Field(
         default=Path("/"),
