@@ -352,3 +352,17 @@ def test_ask_over_mqtt(start_daemon: Any, broker: Broker) -> None:
         capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip()
+
+
+def test_backlogged_stream_tokens_are_coalesced_per_reply() -> None:
+    from edgeagent.engine import Delta, Finish
+    from edgeagent.transports.mqtt import _coalesce
+
+    a, b = object(), object()
+    fin = Finish("stop", 3, 2)
+    jobs: list[Any] = [(a, Delta(1, "Hel")), (b, Delta(5, "x")), (a, Delta(2, "lo")),
+                       (a, fin), (a, Delta(9, "late")), (b, Delta(6, "y"))]
+    out = _coalesce(jobs)
+    per = {id(r): [i for rr, i in out if rr is r] for r in (a, b)}
+    assert [getattr(i, "text", i) for i in per[id(a)]] == ["Hello", fin, "late"]
+    assert [i.text for i in per[id(b)]] == ["xy"]

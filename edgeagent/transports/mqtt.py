@@ -26,6 +26,7 @@ import random
 import ssl
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -181,17 +182,24 @@ class MqttTransport:
 
     def _publish_replies(self) -> None:
         """Replies are rendered and published here, so the engine's loop never waits on
-        JSON or on the network."""
+        JSON or on the network. What has queued up meanwhile goes out coalesced: a
+        stream's consecutive tokens become one chunk, as on the socket."""
         while True:
-            job = self.replies.get()
-            if job is None:
+            first = self.replies.get()
+            backlog = [first]
+            while backlog[-1] is not None:
+                try:
+                    backlog.append(self.replies.get_nowait())
+                except queue.Empty:
+                    break
+            for reply, item in _coalesce(job for job in backlog if job is not None):
+                try:
+                    reply.handle(item)
+                except Exception:
+                    self.stats["internal_errors"] += 1
+                    log.exception("mqtt reply failed")
+            if backlog[-1] is None:
                 return
-            reply, item = job
-            try:
-                reply.handle(item)
-            except Exception:
-                self.stats["internal_errors"] += 1
-                log.exception("mqtt reply failed")
 
     async def stop_accepting(self) -> None:
         # Requests that arrive from now on are not acknowledged: the broker keeps them
@@ -521,6 +529,23 @@ def _dedup_key(route: Route) -> str | None:
     if route.request_id is None:
         return None
     return f"{route.topic}\0{route.request_id}"
+
+
+def _coalesce(jobs: Iterable[tuple[_Reply, Item]]) -> list[tuple[_Reply, Item]]:
+    """Merge each reply's consecutive tokens into one Delta. A reply's items keep their
+    order; the order between different replies does not matter."""
+    out: list[tuple[_Reply, Item]] = []
+    latest: dict[int, int] = {}  # id(reply) -> index in ``out`` of its latest item
+    for reply, item in jobs:
+        at = latest.get(id(reply))
+        if at is not None and isinstance(item, Delta):
+            prev = out[at][1]
+            if isinstance(prev, Delta):
+                out[at] = (reply, Delta(item.token, prev.text + item.text))
+                continue
+        latest[id(reply)] = len(out)
+        out.append((reply, item))
+    return out
 
 
 class _Reply:
