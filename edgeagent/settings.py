@@ -37,9 +37,10 @@ Auto = Literal["auto"]
 
 
 class Section(BaseModel):
-    """Base of every settings section: unknown keys are errors."""
+    """Base of every settings section: unknown keys are errors, and so are infinities and
+    NaN (JSON has none; a fleet push could still send ``1e400``)."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 def _default_state_dir() -> Path:
@@ -277,6 +278,7 @@ class Settings(BaseSettings):
         extra="forbid",
         validate_default=True,
         nested_model_default_partial_update=True,
+        allow_inf_nan=False,
     )
 
     device_id: str = Field(
