@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import json
 import time
 from pathlib import Path
@@ -40,12 +41,19 @@ ALLOWED = (
     "runtime.memory_headroom_mb",
 )
 LAYERS = ("group", "device")
+#: Deepest nesting a push may have: the deepest setting is profiles.<name>.<field>, three
+#: levels under ``settings``. A deeper push is refused before anything walks it recursively.
+MAX_DEPTH = 8
 
 
 class PushError(Exception):
-    def __init__(self, errors: list[str]) -> None:
+    """A push that is refused; ``errors`` are ``path: message`` lines, ``version`` the
+    push's version when it has a usable one (echoed in the report)."""
+
+    def __init__(self, errors: list[str], version: int | str | None = None) -> None:
         super().__init__("; ".join(errors))
         self.errors = errors
+        self.version = version
 
 
 def canonical(doc: dict[str, Any]) -> bytes:
@@ -69,10 +77,47 @@ def _leaves(patch: dict[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether JSON ``value`` nests objects and arrays more than ``limit`` levels (iterative:
+    a hostile push must not exhaust the stack of whatever walks it)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(
+            node, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+def _echo(version: Any) -> int | str | None:
+    """The version to echo in a report: only what the operator can match and JSON can carry."""
+    if isinstance(version, (int, str)) and not isinstance(version, bool):
+        return version
+    return None
+
+
+def parse_push(payload: bytes, trusted: list[Path]) -> tuple[int, dict[str, Any]]:
+    """(version, settings patch) of a push payload as it came off the wire; else PushError."""
+    try:
+        doc = json.loads(payload.decode("utf-8"))
+    except RecursionError:
+        raise PushError([f"(push): nested deeper than {MAX_DEPTH} levels"]) from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise PushError([f"(push): not JSON: {exc}"]) from None
+    return check_push(doc, trusted)
+
+
 def check_push(doc: Any, trusted: list[Path]) -> tuple[int, dict[str, Any]]:
     """(version, settings patch) of a well-formed, allowed, (signed) push; else PushError."""
     if not isinstance(doc, dict):
         raise PushError(["(push): must be a JSON object"])
+    if _deeper_than(doc, MAX_DEPTH):
+        raise PushError([f"(push): nested deeper than {MAX_DEPTH} levels"],
+                        _echo(doc.get("version")))
     unknown = set(doc) - {"version", "settings", "signature"}
     errors = [f"{k}: unknown field" for k in sorted(unknown)]
     version = doc.get("version")
@@ -88,7 +133,7 @@ def check_push(doc: Any, trusted: list[Path]) -> tuple[int, dict[str, Any]]:
     if trusted:
         errors.extend(_signature_errors(doc, trusted))
     if errors:
-        raise PushError(errors)
+        raise PushError(errors, _echo(version))
     assert isinstance(version, int)
     return version, patch
 
@@ -120,6 +165,11 @@ class Fleet:
         self.daemon = daemon
         self.loop = loop
         self._lock = asyncio.Lock()
+        #: pushes by outcome: applied, rejected, stale, rolled_back, ignored (no report)
+        self.stats: dict[str, int] = collections.defaultdict(int)
+
+    def counters(self) -> dict[str, int]:
+        return {f"fleet_{k}": v for k, v in self.stats.items()}
 
     def topics(self) -> dict[str, str]:
         s = self.daemon.settings
@@ -134,6 +184,7 @@ class Fleet:
         layer = next((name for name, t in self.topics().items()
                       if t == topic and name in LAYERS), None)
         if layer is None:
+            self.stats["ignored"] += 1
             return
         asyncio.run_coroutine_threadsafe(self._handle(layer, payload, publish), self.loop)
 
@@ -147,27 +198,32 @@ class Fleet:
 
     async def _handle(self, layer: str, payload: bytes, publish: Any) -> None:
         async with self._lock:
-            report = await self._apply(layer, payload)
-        if report is not None:
-            report.update(layer=layer, ts=time.time(),
-                          hash=self.daemon.config_status()["hash"])
-            publish(self.topics()["reported"], json.dumps(report))
-            log.info("fleet push", **{k: v for k, v in report.items() if k != "ts"})
+            try:
+                report = await self._apply(layer, payload)
+            except Exception as exc:  # a push must never vanish without a word
+                log.exception("fleet push failed", layer=layer)
+                self.daemon.last_apply = "rejected"
+                report = {"version": None, "status": "rejected",
+                          "errors": [f"(internal): {type(exc).__name__}: {exc}"]}
+        if report is None:
+            self.stats["ignored"] += 1
+            return
+        self.stats[report["status"]] += 1
+        report.update(layer=layer, ts=time.time(), hash=self.daemon.config_status()["hash"])
+        publish(self.topics()["reported"], json.dumps(report))
+        log.info("fleet push", **{k: v for k, v in report.items() if k != "ts"})
 
     async def _apply(self, layer: str, payload: bytes) -> dict[str, Any] | None:
         daemon = self.daemon
         settings = daemon.settings
+        if not payload:  # a retained push cleared by the operator: nothing to apply
+            log.info("fleet push cleared; the applied configuration stays", layer=layer)
+            return None
         try:
-            doc = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            daemon.last_apply = "rejected"
-            return {"version": None, "status": "rejected", "errors": [f"(push): {exc}"]}
-        try:
-            version, patch = check_push(doc, settings.fleet.trusted_keys)
+            version, patch = parse_push(payload, settings.fleet.trusted_keys)
         except PushError as exc:
             daemon.last_apply = "rejected"
-            return {"version": doc.get("version") if isinstance(doc, dict) else None,
-                    "status": "rejected", "errors": exc.errors}
+            return {"version": exc.version, "status": "rejected", "errors": exc.errors}
         current = self._overlay_doc()
         layers: dict[str, Any] = dict(current.get("layers") or {})
         applied = layers.get(layer) or {}
@@ -194,17 +250,28 @@ class Fleet:
             return {"version": version, "status": "rejected", "errors": [model_error]}
         new_doc = {"version": max(int(v["version"]) for v in layers.values()),
                    "settings": effective, "layers": layers}
+        path = settings.overlay_path
         try:
             settings.state_dir.mkdir(parents=True, exist_ok=True)
-            await asyncio.to_thread(write_json_atomic, settings.overlay_path, new_doc)
+            await asyncio.to_thread(write_json_atomic, path, new_doc)
         except OSError as exc:
             daemon.last_apply = "rejected"
             return {"version": version, "status": "rejected",
-                    "errors": [f"(persist): {exc.strerror or exc}"]}
-        failure = await daemon.apply(new)
+                    "errors": [f"(persist): cannot write {path}: {exc.strerror or exc}; "
+                               "the previous configuration is kept"]}
+        try:
+            failure = await daemon.apply(new)
+        except Exception as exc:  # persisted but not applied: put the old overlay back
+            log.exception("fleet push failed while applying", version=version)
+            daemon.last_apply = "rolled_back"
+            failure = f"(apply): {type(exc).__name__}: {exc}"
         if failure is not None:
-            await asyncio.to_thread(write_json_atomic, settings.overlay_path, current)
-            return {"version": version, "status": "rolled_back", "errors": [failure]}
+            errors = [failure]
+            try:
+                await asyncio.to_thread(write_json_atomic, path, current)
+            except OSError as exc:
+                errors.append(f"(persist): cannot restore {path}: {exc.strerror or exc}")
+            return {"version": version, "status": "rolled_back", "errors": errors}
         return {"version": version, "status": "applied", "errors": []}
 
 

@@ -159,6 +159,8 @@ class MqttTransport:
         out = {f"mqtt_{k}": v for k, v in self.stats.items()}
         if self.client is not None:
             out["mqtt_buffered"] = len(self.client._out_messages)
+        if self._fleet is not None:
+            out.update(self._fleet.counters())
         return out
 
     async def start(self) -> None:
