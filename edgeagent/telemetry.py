@@ -41,6 +41,8 @@ class Telemetry:
         self.seq = 0
         self.dropped = 0
         self.published = 0
+        self.spool_errors = 0
+        self._spool_error: str | None = None  # the last failure, logged once
         self._buffer: collections.deque[str] = collections.deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -61,7 +63,8 @@ class Telemetry:
 
     def counters(self) -> dict[str, int]:
         return {"telemetry_buffered": self.buffered, "telemetry_dropped": self.dropped,
-                "telemetry_published": self.published}
+                "telemetry_published": self.published,
+                "telemetry_spool_errors": self.spool_errors}
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -89,7 +92,8 @@ class Telemetry:
                 except Exception:
                     log.exception("telemetry collection failed")
             self._flush()
-            self._wake.wait(timeout=max(0.0, last + interval - time.monotonic()))
+            left = last + interval - time.monotonic()  # clamped: a huge interval must not overflow
+            self._wake.wait(timeout=min(max(0.0, left), threading.TIMEOUT_MAX))
             self._wake.clear()
 
     # ------------------------------------------------------------ buffer
@@ -127,20 +131,36 @@ class Telemetry:
             return
         with self._lock:
             lines = list(self._buffer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("w", encoding="utf-8") as fh:
-            fh.write("".join(line + "\n" for line in lines))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            with tmp.open("w", encoding="utf-8") as fh:
+                fh.write("".join(line + "\n" for line in lines))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        except (OSError, ValueError) as exc:  # a full disk, a bad folder: keep publishing
+            self.spool_errors += 1
+            if str(exc) != self._spool_error:
+                log.warning("telemetry spool not written; documents stay in memory",
+                            path=str(path), error=str(exc))
+            self._spool_error = str(exc)
+            return
+        if self._spool_error is not None:
+            log.info("telemetry spool written again", path=str(path))
+            self._spool_error = None
 
     def _load_spool(self) -> None:
         path = self._spool_path()
-        if path is None or not path.exists():
+        try:
+            if path is None or not path.exists():
+                return
+            text = path.read_text(encoding="utf-8")
+        except (OSError, ValueError) as exc:
+            log.warning("telemetry spool not readable", path=str(path), error=str(exc))
             return
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in text.splitlines():
             try:
                 doc = json.loads(line)
             except ValueError:
