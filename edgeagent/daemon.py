@@ -78,8 +78,20 @@ def load_engine(settings: Settings) -> tuple[Engine, Plan, dict[str, object] | N
     try:
         engine = Engine(path, the_plan)
     except Exception as exc:  # onnxruntime-genai raises plain RuntimeErrors
-        raise StartupError(f"model {path} failed to load: {exc}") from exc
+        raise StartupError(f"model {path} failed to load: {_runtime_message(exc)}") from exc
     return engine, the_plan, manifest
+
+
+def _runtime_message(exc: Exception) -> str:
+    """onnxruntime's error on one line, without the C++ call chain that precedes its point
+    ("... [ONNXRuntimeError] : 1 : FAIL : what went wrong")."""
+    text = " ".join(str(exc).split())
+    marker = "[ONNXRuntimeError] : "
+    if marker in text:
+        parts = text.rsplit(marker, 1)[1].split(" : ", 2)
+        if len(parts) == 3 and parts[2]:
+            text = parts[2]
+    return text
 
 
 class Daemon:
