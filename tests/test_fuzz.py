@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgeagent.fleet import PushError, canonical, parse_push, sign
+from edgeagent.settings import ConfigError, load_settings
 from tests.broker import Broker, Requester
 from tests.conftest import DaemonProc, _reap, launch_daemon
 
@@ -123,6 +131,338 @@ def test_mqtt_payloads(start_daemon: Any, tmp_path: Path) -> None:
             r.request("edgeagent/test-d/request",
                       {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
             assert r.get(60)[1]["object"] == "chat.completion"
+        finally:
+            r.close()
+    finally:
+        broker.stop()
+
+
+# ------------------------------------------------------------------ fleet pushes
+# Settings a push may name: real ones (allowed or not), with hostile values.
+PUSH_KEYS: dict[str, list[str]] = {
+    "telemetry": ["interval_s", "buffer_max", "spool_dir"],
+    "limits": ["max_queue", "max_prompt_tokens", "min_output_tokens", "default_max_tokens",
+               "request_timeout_s", "max_body_bytes"],
+    "runtime": ["threads", "context_length", "max_batch", "batch_window_ms",
+                "memory_headroom_mb", "auto_context_cap", "provider", "probe_root"],
+    "log": ["level", "format"],
+    "model": ["path", "verify"],
+    "mqtt": ["url", "topic_prefix", "password_file"],
+    "socket": ["path", "mode"],
+    "fleet": ["group", "trusted_keys"],
+}
+TOP_SCALARS = ["drain_timeout_s", "state_dir", "device_id"]
+NOT_SETTABLE = {"runtime.provider", "runtime.probe_root", "model.verify", "log.format"}
+FLEET_SETTABLE = {"telemetry", "limits", "profiles", "log", "drain_timeout_s", "model",
+                  "runtime"}
+
+hostile_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 100), st.integers(min_value=2**53),
+    st.integers(max_value=-(2**53)), st.floats(),  # NaN and infinities included
+    st.sampled_from([1e300, 1e-300, -0.0, 0.5, "auto", "", "debug", "x" * 300,
+                     "/etc", "../../x", "\x00", "\ud800"]),
+    st.text(max_size=12),
+)
+hostile_values = st.one_of(hostile_scalars, json_values)
+
+
+@st.composite
+def setting_patches(draw: st.DrawFn, values: st.SearchStrategy[Any] = hostile_values
+                    ) -> dict[str, Any]:
+    patch: dict[str, Any] = {}
+    allowed = sorted(FLEET_SETTABLE - set(TOP_SCALARS))
+    for _ in range(draw(st.integers(0, 3))):
+        section = draw(st.sampled_from(allowed if draw(st.integers(0, 3)) else list(PUSH_KEYS)))
+        if section == "profiles":
+            patch["profiles"] = draw(st.dictionaries(
+                st.sampled_from(["math", "coding", "x", "", "a.b"]),
+                st.dictionaries(st.sampled_from(["temperature", "top_p", "top_k",
+                                                 "max_tokens", "system_prompt", "colour"]),
+                                values, max_size=3) | values, max_size=2))
+        else:
+            settable = [f for f in PUSH_KEYS[section] if f"{section}.{f}" not in NOT_SETTABLE
+                        and section not in ("mqtt", "socket", "fleet")]
+            pool: list[str] = [*PUSH_KEYS[section], "unknown"]
+            if draw(st.integers(0, 3)) and settable:
+                pool = settable
+            section_value: st.SearchStrategy[Any] = values
+            if draw(st.integers(0, 4)):
+                section_value = st.dictionaries(st.sampled_from(pool), values, max_size=3)
+            patch[section] = draw(section_value)
+    if draw(st.integers(0, 3)) == 0:
+        patch[draw(st.sampled_from([*TOP_SCALARS, "colour"]))] = draw(values)
+    return patch
+
+
+# "fresh": the next version that is newer than anything applied; "valid"/"forged": signed
+# with the trusted key or with another one.
+versions = st.one_of(st.just("fresh"), st.integers(-3, 10), st.integers(min_value=2**63),
+                     st.floats(), st.booleans(), st.none(), st.text(max_size=4), json_values)
+signatures = st.one_of(st.just("valid"), st.just("forged"), st.just(None),
+                       st.text(max_size=90), st.binary(max_size=64).map(
+                           lambda b: base64.b64encode(b).decode()))
+plausible_values = st.sampled_from([1, 2, 4, 64, 0.2, 30.0, 512, "auto", "info", "debug"])
+
+
+@st.composite
+def push_docs(draw: st.DrawFn) -> dict[str, Any]:
+    """Mostly well-formed pushes whose settings are hostile or plausible; some loose ones."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.fixed_dictionaries({}, optional={
+            "version": versions, "settings": setting_patches() | json_values,
+            "signature": signatures, "colour": json_values}))
+    values = plausible_values if draw(st.booleans()) else hostile_values
+    return {"version": "fresh" if draw(st.integers(0, 3)) else draw(versions),
+            "settings": draw(setting_patches(values)),
+            "signature": "valid" if draw(st.integers(0, 2)) else draw(signatures)}
+
+
+def _nested(depth: int) -> bytes:
+    inner = '{"a":' * depth + "1" + "}" * depth
+    return f'{{"version": 1, "settings": {{"limits": {inner}}}}}'.encode()
+
+
+raw_pushes = st.one_of(
+    st.binary(max_size=200),
+    st.integers(3, 5000).map(_nested),  # nesting up to far beyond what json can parse
+    st.integers(950, 1000).map(_nested),  # just under json's own limit
+    st.sampled_from([b"", b"null", b"[]", b'"x"', b"1e999", b"9" * 5000, b'{"version": NaN}',
+                     b'{"version": 1e999, "settings": {}}', b'{"version": 1, "settings": '
+                     b'{"limits": {"max_queue": 1' + b"0" * 5000 + b"}}}",
+                     b'{"version": 1, "settings": {"telemetry": {"interval_s": 1e999}}}',
+                     b'{"version": 1, "settings": {"drain_timeout_s": -1e999}}',
+                     b'{"version": 1, "settings": {"profiles": {"x": {"system_prompt": "'
+                     + b"y" * 100_000 + b'"}}}}', b'{"version": 1} trailing',
+                     b"\xef\xbb\xbf{}", '{"\ud800": 1}'.encode("utf-8", "surrogatepass")]),
+)
+
+
+@dataclass
+class Signer:
+    key: Ed25519PrivateKey
+    other: Ed25519PrivateKey
+    pub: Path
+
+
+def _signer(dir_: Path) -> Signer:
+    key = Ed25519PrivateKey.generate()
+    pub = dir_ / "fleet.pub"
+    pub.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return Signer(key, Ed25519PrivateKey.generate(), pub)
+
+
+def _render(doc: dict[str, Any], signer: Signer, fresh: int) -> bytes:
+    """The push as an operator's tool would send it: version and signature filled in."""
+    doc = dict(doc)
+    if doc.get("version") == "fresh":
+        doc["version"] = fresh
+    if doc.get("signature") in ("valid", "forged"):
+        key = signer.key if doc["signature"] == "valid" else signer.other
+        doc["signature"] = sign(doc, key)
+    elif "signature" in doc and doc["signature"] is None:
+        del doc["signature"]
+    return json.dumps(doc).encode()  # NaN and infinities as Python's json writes them
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
+
+
+def test_fleet_pushes_against_the_validation(tmp_path: Path) -> None:
+    """Thousands of hostile pushes through the daemon's own parse, check and settings
+    validation, in memory: each is refused with path-named errors or yields settings that
+    change only what the fleet may change, with finite numbers."""
+    signer = _signer(tmp_path)
+    config = tmp_path / "edgeagent.toml"
+    config.write_text(f'device_id = "gw"\n[mqtt]\nurl = "mqtt://127.0.0.1:1"\n'
+                      f'[socket]\npath = "{tmp_path / "s.sock"}"\n')
+    base = load_settings(config, use_overlay=False)
+    fixed = ("state_dir", "device_id", "mqtt", "socket", "fleet")
+    seen: dict[str, int] = {}
+
+    @settings(max_examples=2500, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(payload=st.integers(0, 3).flatmap(lambda i: raw_pushes if i == 0 else push_docs(
+        ).map(lambda d: _render(d, signer, 7))),
+           signed_fleet=st.booleans())
+    def case(payload: bytes, signed_fleet: bool) -> None:
+        trusted = [signer.pub] if signed_fleet else []
+        try:
+            version, patch = parse_push(payload, trusted)
+        except PushError as exc:
+            assert exc.errors, payload
+            for error in exc.errors:
+                assert isinstance(error, str) and ": " in error, (payload, error)
+            assert exc.version is None or isinstance(exc.version, (int, str))
+            json.dumps({"errors": exc.errors, "version": exc.version}, allow_nan=False)
+            outcome = "signature" if any(e.startswith("signature") for e in exc.errors) \
+                else "refused"
+            seen[outcome] = seen.get(outcome, 0) + 1
+            return
+        assert isinstance(version, int) and not isinstance(version, bool) and version >= 0
+        assert set(patch) <= FLEET_SETTABLE, patch
+        if signed_fleet:
+            doc = json.loads(payload)
+            signer.key.public_key().verify(base64.b64decode(doc["signature"]), canonical(doc))
+        try:
+            new = load_settings(config, use_overlay=False, overrides=patch)
+        except ConfigError as exc:
+            assert exc.errors
+            for path, message in exc.errors:
+                assert path and message
+            seen["invalid"] = seen.get("invalid", 0) + 1
+            return
+        dumped = new.model_dump(mode="json")
+        assert _finite(dumped), patch
+        assert {k: dumped[k] for k in fixed} == {k: base.model_dump(mode="json")[k]
+                                                 for k in fixed}, patch
+        seen["valid"] = seen.get("valid", 0) + 1
+
+    case()
+    for depth in range(1, 1100):  # every nesting depth, across json's own limit
+        with contextlib.suppress(PushError, ConfigError):
+            load_settings(config, use_overlay=False,
+                          overrides=parse_push(_nested(depth), [])[1])
+    assert all(seen.get(k, 0) > 0 for k in ("refused", "signature", "invalid", "valid")), seen
+
+
+def test_fleet_pushes_over_mqtt(start_daemon: Any, tmp_path: Path) -> None:
+    """Hostile pushes published to a real daemon, each followed by a sentinel push that is
+    always rejected: before the sentinel's report comes the push's own (rejected, stale,
+    applied or rolled back) or none, and then the daemon counted it as ignored."""
+    signer = _signer(tmp_path)
+    state = tmp_path / "d-state"
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    # Values the daemon may really apply are kept out of the repository and off the
+    # model store: spool folders under tmp_path, or ones that cannot be written.
+    spools = st.sampled_from([str(tmp_path / "spool"), str(not_a_dir / "spool"),
+                              "/proc/edgeagent-spool", "\x00"])
+    models = st.sampled_from([str(state / "models" / "missing"), str(tmp_path), "/etc"])
+    mqtt_values = st.one_of(hostile_scalars.filter(lambda v: not isinstance(v, str)),
+                            st.sampled_from([1e300, 1e-3, 2, 4096, "auto", "error"]))
+
+    @st.composite
+    def mqtt_patches(draw: st.DrawFn) -> dict[str, Any]:
+        patch = draw(setting_patches(plausible_values if draw(st.booleans())
+                                     else mqtt_values))
+        if draw(st.booleans()):
+            patch.setdefault("telemetry", {})
+            if isinstance(patch["telemetry"], dict):
+                patch["telemetry"]["spool_dir"] = draw(spools)
+        if draw(st.integers(0, 9)) == 0:
+            patch["model"] = {"path": draw(models)}
+        return patch
+
+    @st.composite
+    def mqtt_docs(draw: st.DrawFn) -> dict[str, Any]:
+        doc = {"version": "fresh" if draw(st.integers(0, 3)) else draw(versions),
+               "settings": draw(mqtt_patches()),
+               "signature": draw(st.sampled_from(["valid", "valid", "forged", None, "AAAA"]))}
+        if draw(st.integers(0, 9)) == 0:
+            doc["colour"] = draw(json_values)
+        return doc
+
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    try:
+        d: DaemonProc = start_daemon(extra_toml=QUICK + (
+            f'[mqtt]\nurl = "{broker.url}"\n[fleet]\ngroup = "line-1"\n'
+            f'trusted_keys = ["{signer.pub}"]\n'))
+        d.wait_ready()
+        topics = {"device": "edgeagent/test-d/config/desired",
+                  "group": "edgeagent/group/line-1/config/desired"}
+        r = Requester(broker)
+        try:
+            r.subscribe("edgeagent/test-d/config/reported")
+            newest = {"device": 0, "group": 0}
+            outcomes: dict[str, int] = {}
+            sentinels = 0
+
+            def publish(layer: str, payload: bytes, retain: bool) -> list[dict[str, Any]]:
+                """The reports up to and including the sentinel's."""
+                nonlocal sentinels
+                sentinels += 1
+                marker = f"sentinel-{sentinels}"
+                r.publish(topics[layer], payload, response=False, retain=retain)
+                r.publish(topics[layer], json.dumps({marker: 1}), response=False)
+                reports = []
+                while True:
+                    topic, report, _ = r.get(120)
+                    if topic != "edgeagent/test-d/config/reported":
+                        continue
+                    reports.append(report)
+                    if f"{marker}: unknown field" in report.get("errors", []):
+                        return reports
+
+            @settings(max_examples=250, deadline=None, database=None,
+                      suppress_health_check=list(HealthCheck))
+            @given(layer=st.sampled_from(["device", "group"]), retain=st.booleans(),
+                   payload=st.integers(0, 3).flatmap(
+                       lambda i: raw_pushes if i == 0 else mqtt_docs()))
+            def case(layer: str, retain: bool, payload: bytes | dict[str, Any]) -> None:
+                if isinstance(payload, dict):
+                    payload = _render(payload, signer, newest[layer] + 1)
+                reports = publish(layer, payload, retain)
+                assert len(reports) <= 2, reports
+                if len(reports) == 1:
+                    outcomes["ignored"] = outcomes.get("ignored", 0) + 1
+                    return
+                report = reports[0]
+                assert report["layer"] == layer
+                assert report["status"] in ("applied", "rejected", "stale", "rolled_back")
+                outcomes[report["status"]] = outcomes.get(report["status"], 0) + 1
+                if report["status"] == "applied":
+                    assert report["errors"] == []
+                    newest[layer] = max(newest[layer], report["version"])
+                else:
+                    assert report["errors"] and all(isinstance(e, str) and e
+                                                    for e in report["errors"]), report
+                assert d.proc.poll() is None, d.logs()[-3000:]
+
+            case()
+            assert outcomes.get("rejected", 0) > 0 and outcomes.get("applied", 0) > 0, outcomes
+            with httpx.Client(transport=httpx.HTTPTransport(uds=str(d.socket_path)),
+                              base_url="http://localhost", timeout=120) as http:
+                metrics = http.get("/metrics").text
+                counted = {line.split()[0]: float(line.split()[1])
+                           for line in metrics.splitlines()
+                           if line.startswith("edgeagent_fleet_")}
+                assert counted.get("edgeagent_fleet_ignored_total", 0) == outcomes.get(
+                    "ignored", 0), (counted, outcomes)
+                assert counted["edgeagent_fleet_rejected_total"] == outcomes.get(
+                    "rejected", 0) + sentinels
+
+                # Reset both layers; telemetry (a thread of its own) must still run.
+                r.subscribe("edgeagent/test-d/telemetry")
+                for layer, patch in (("group", {}), ("device", {"telemetry": {
+                        "interval_s": 0.2}})):
+                    push = {"version": newest[layer] + 1, "settings": patch}
+                    push["signature"] = sign(push, signer.key)
+                    report = publish(layer, json.dumps(push).encode(), True)[0]
+                    assert report["status"] == "applied", report
+                telemetry = 0
+                while telemetry < 2:
+                    topic, _, _ = r.get(30)
+                    telemetry += topic.endswith("/telemetry")
+                assert http.post("/v1/chat/completions", json={
+                    "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+                ).status_code == 200
+            r.request("edgeagent/test-d/request",
+                      {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+            while True:
+                topic, doc, _ = r.get(60)
+                if topic == r.reply_topic:
+                    break
+            assert doc["object"] == "chat.completion", doc
+            assert d.proc.poll() is None
         finally:
             r.close()
     finally:
