@@ -33,9 +33,12 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-#: What a push may set: a section (every key under it) or one dotted setting.
+#: What a push may set: a section (ending in ".": every key under it) or one dotted setting.
+#: Never paths the daemon would create or write outside its state (socket, spool, state dir),
+#: nor how it reaches the broker.
 ALLOWED = (
-    "telemetry.", "limits.", "profiles.", "log.level", "drain_timeout_s", "model.path",
+    "telemetry.interval_s", "telemetry.buffer_max", "limits.", "profiles.", "log.level",
+    "drain_timeout_s", "model.path",
     "runtime.threads", "runtime.context_length", "runtime.max_batch",
     "runtime.auto_context_cap", "runtime.auto_max_batch_cap", "runtime.batch_window_ms",
     "runtime.memory_headroom_mb",
@@ -128,7 +131,7 @@ def check_push(doc: Any, trusted: list[Path]) -> tuple[int, dict[str, Any]]:
         errors.append("settings: must be an object")
         patch = {}
     for path in _leaves(patch):
-        if not any(path == a or path.startswith(a) for a in ALLOWED):
+        if not any(path == a or (a.endswith(".") and path.startswith(a)) for a in ALLOWED):
             errors.append(f"settings.{path}: not settable by the fleet")
     if trusted:
         errors.extend(_signature_errors(doc, trusted))

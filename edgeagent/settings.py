@@ -174,7 +174,7 @@ class MqttSettings(Section):
 
 class TelemetrySettings(Section):
     interval_s: float = Field(
-        default=30.0, gt=0, description="Seconds between two telemetry documents."
+        default=30.0, ge=0.1, le=86400, description="Seconds between two telemetry documents."
     )
     buffer_max: int = Field(
         default=1000, ge=1, description="Telemetry documents kept while the broker is away."

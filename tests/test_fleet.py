@@ -212,3 +212,8 @@ def test_check_push_unit() -> None:
                                 "integer", "settings.state_dir: not settable by the fleet"]
     assert check_push({"version": 3, "settings": {"telemetry": {"interval_s": 5}}}, []) == (
         3, {"telemetry": {"interval_s": 5}})
+    with pytest.raises(PushError) as err:
+        check_push({"version": 4, "settings": {"log": {"levelx": "debug"},
+                                               "telemetry": {"spool_dir": "/etc"}}}, [])
+    assert err.value.errors == ["settings.log.levelx: not settable by the fleet",
+                                "settings.telemetry.spool_dir: not settable by the fleet"]

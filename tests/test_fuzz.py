@@ -152,7 +152,8 @@ PUSH_KEYS: dict[str, list[str]] = {
     "fleet": ["group", "trusted_keys"],
 }
 TOP_SCALARS = ["drain_timeout_s", "state_dir", "device_id"]
-NOT_SETTABLE = {"runtime.provider", "runtime.probe_root", "model.verify", "log.format"}
+NOT_SETTABLE = {"runtime.provider", "runtime.probe_root", "model.verify", "log.format",
+                "telemetry.spool_dir"}
 FLEET_SETTABLE = {"telemetry", "limits", "profiles", "log", "drain_timeout_s", "model",
                   "runtime"}
 
