@@ -16,6 +16,7 @@ import asyncio
 import base64
 import collections
 import json
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edgeagent.manifest import write_json_atomic
+from edgeagent.manifest import fsync_dir, write_json_atomic
 from edgeagent.settings import ConfigError, Settings, load_settings, merge_patch
 
 if TYPE_CHECKING:
@@ -170,6 +171,18 @@ class Fleet:
         self._lock = asyncio.Lock()
         #: pushes by outcome: applied, rejected, stale, rolled_back, ignored (no report)
         self.stats: dict[str, int] = collections.defaultdict(int)
+        pending = self._pending_path()
+        if pending.exists():  # killed while a push was being applied: it never took effect
+            log.warning("a fleet push was interrupted before it was applied; the last good "
+                        "configuration is in effect and the broker delivers the push again",
+                        path=str(pending))
+            pending.unlink(missing_ok=True)
+
+    def _pending_path(self) -> Path:
+        """Where a push waits while it is applied; it replaces the overlay once it works, so
+        the overlay a restart replays is always one that was applied."""
+        overlay = self.daemon.settings.overlay_path
+        return overlay.with_name(overlay.stem + ".pending.json")
 
     def counters(self) -> dict[str, int]:
         return {f"fleet_{k}": v for k, v in self.stats.items()}
@@ -253,29 +266,37 @@ class Fleet:
             return {"version": version, "status": "rejected", "errors": [model_error]}
         new_doc = {"version": max(int(v["version"]) for v in layers.values()),
                    "settings": effective, "layers": layers}
-        path = settings.overlay_path
-        try:
+        path, pending = settings.overlay_path, self._pending_path()
+        try:  # written first, so that a full disk refuses the push before anything changes
             settings.state_dir.mkdir(parents=True, exist_ok=True)
-            await asyncio.to_thread(write_json_atomic, path, new_doc)
+            await asyncio.to_thread(write_json_atomic, pending, new_doc)
         except OSError as exc:
             daemon.last_apply = "rejected"
+            pending.unlink(missing_ok=True)
             return {"version": version, "status": "rejected",
-                    "errors": [f"(persist): cannot write {path}: {exc.strerror or exc}; "
+                    "errors": [f"(persist): cannot write {pending}: {exc.strerror or exc}; "
                                "the previous configuration is kept"]}
         try:
             failure = await daemon.apply(new)
-        except Exception as exc:  # persisted but not applied: put the old overlay back
+        except Exception as exc:
             log.exception("fleet push failed while applying", version=version)
             daemon.last_apply = "rolled_back"
             failure = f"(apply): {type(exc).__name__}: {exc}"
-        if failure is not None:
-            errors = [failure]
-            try:
-                await asyncio.to_thread(write_json_atomic, path, current)
-            except OSError as exc:
-                errors.append(f"(persist): cannot restore {path}: {exc.strerror or exc}")
-            return {"version": version, "status": "rolled_back", "errors": errors}
+        if failure is not None:  # the overlay on disk is still the last good one
+            pending.unlink(missing_ok=True)
+            return {"version": version, "status": "rolled_back", "errors": [failure]}
+        try:
+            await asyncio.to_thread(_promote, pending, path)
+        except OSError as exc:  # applied live; a restart would replay the previous overlay
+            return {"version": version, "status": "applied",
+                    "errors": [f"(persist): cannot replace {path}: {exc.strerror or exc}; "
+                               "a restart returns to the previous configuration"]}
         return {"version": version, "status": "applied", "errors": []}
+
+
+def _promote(pending: Path, path: Path) -> None:
+    os.replace(pending, path)
+    fsync_dir(path.parent)
 
 
 def _model_outside(new: Settings) -> str | None:

@@ -159,6 +159,40 @@ def test_sigkill_under_load_then_restart(start_daemon: Any, broker: Broker,
     assert _effective(d2)["limits"]["default_max_tokens"] == 5
 
 
+@pytest.mark.broker
+def test_killed_while_a_push_is_applied_boots_the_last_good_overlay(
+        start_daemon: Any, broker: Broker, tmp_path: Path) -> None:
+    """A push is written aside (``fleet-overlay.pending.json``) and replaces the overlay only
+    once applied. Killed in between (here: the file such a kill leaves, naming a model that
+    does not load), the daemon boots with the last good overlay instead of exiting 3, and
+    the retained push, delivered again, is refused with a report."""
+    toml = f'[mqtt]\nurl = "{broker.url}"\n[runtime]\ncontext_length = 1024\n'
+    state = tmp_path / "d-state"
+    bad_model = state / "models" / "broken"
+    bad_model.mkdir(parents=True)
+    (bad_model / "genai_config.json").write_text("{}")
+    good = {"version": 1, "settings": {"limits": {"default_max_tokens": 5}},
+            "layers": {"device": {"version": 1, "settings": {"limits": {
+                "default_max_tokens": 5}}}}}
+    (state / "fleet-overlay.json").write_text(json.dumps(good))
+    bad_push = {"version": 2, "settings": {"model": {"path": str(bad_model)}}}
+    pending = state / "fleet-overlay.pending.json"
+    pending.write_text(json.dumps({**bad_push, "layers": {"device": bad_push}}))
+    with requester(broker) as r:
+        r.subscribe(REPORTED)
+        r.publish(DESIRED, json.dumps(bad_push), response=False, retain=True)
+        d: DaemonProc = start_daemon(extra_toml=toml)
+        d.wait_ready()
+        report = _until(r, lambda t, doc, _c: t == REPORTED and doc.get("version") == 2)
+        assert report["status"] == "rolled_back", report
+        assert report["errors"], report
+        _chat_over_socket(d)
+        assert "interrupted before it was applied" in d.logs()
+    assert not pending.exists()
+    assert json.loads((state / "fleet-overlay.json").read_text()) == good
+    assert _effective(d)["limits"]["default_max_tokens"] == 5
+
+
 # ------------------------------------------------------------------ disk full
 @pytest.mark.broker
 def test_disk_full_while_persisting_a_push(start_daemon: Any, broker: Broker,
@@ -189,8 +223,10 @@ def test_disk_full_while_persisting_a_push(start_daemon: Any, broker: Broker,
         try:
             full = _push(r, {"version": 2, "settings": big})
             assert full["status"] == "rejected", full
-            assert full["errors"] == [f"(persist): cannot write {overlay}: File too large; "
+            pending = overlay.with_name("fleet-overlay.pending.json")
+            assert full["errors"] == [f"(persist): cannot write {pending}: File too large; "
                                       "the previous configuration is kept"], full
+            assert not pending.exists()
             assert full["hash"] == good["hash"], "the running configuration is unchanged"
             assert overlay.read_bytes() == before
             assert sorted(p.name for p in state.iterdir()
