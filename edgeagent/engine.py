@@ -55,9 +55,8 @@ class Sampling:
 
     @property
     def rewrites_logits(self) -> bool:
-        """Whether the engine must touch this sequence's logits before a step."""
-        return (not self.greedy or self.repetition_penalty != 1.0 or self.min_tokens > 0
-                or self.ignore_eos)
+        """Whether the engine must rewrite this sequence's logits (EOS aside)."""
+        return not self.greedy or self.repetition_penalty != 1.0
 
 
 @dataclass
@@ -119,6 +118,12 @@ class StopMatcher:
 TOP_P_CANDIDATES = 1024
 
 
+def _draw(weights: np.ndarray, rng: np.random.Generator) -> int:
+    """An index drawn in proportion to ``weights`` (inverse CDF: cheaper than rng.choice)."""
+    cum = np.cumsum(weights)
+    return min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), len(cum) - 1)
+
+
 def sample_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
     """Draw a token from one row of logits with temperature, top_k and top_p."""
     x = logits.astype(np.float64) / max(sampling.temperature, 1e-6)
@@ -126,8 +131,7 @@ def sample_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generato
     vocab = x.shape[0]
     top_k = sampling.top_k if 0 < sampling.top_k < vocab else 0
     if not top_k and sampling.top_p >= 1.0:
-        probs = np.exp(x)
-        return int(rng.choice(vocab, p=probs / probs.sum()))
+        return _draw(np.exp(x), rng)
     total = 1.0 if top_k else float(np.exp(x).sum())
     for width in (top_k or min(TOP_P_CANDIDATES, vocab), vocab):
         cand = np.argpartition(x, vocab - width)[vocab - width:]
@@ -137,8 +141,7 @@ def sample_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generato
         cum = np.cumsum(mass)
         if top_k or cum[-1] >= sampling.top_p or width == vocab:
             keep = int(np.searchsorted(cum, sampling.top_p * cum[-1])) + 1
-            kept = probs[: min(keep, len(cand))]
-            return int(cand[rng.choice(len(kept), p=kept / kept.sum())])
+            return int(cand[_draw(probs[: min(keep, len(cand))], rng)])
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -180,6 +183,8 @@ class _Batch:
     rows: list[Sequence]
     prompt: np.ndarray  # (rows, padded prompt length), left-padded
     chunk: int
+    #: The generator blocks EOS until every row's min_new itself (rows that agree on it).
+    native_min: bool = False
     fed: int = 0
 
     @property
@@ -345,6 +350,10 @@ class Engine:
             "batch_size": len(rows),
             "do_sample": False,
         }
+        min_new = {seq.min_new for seq in rows}
+        native_min = len(min_new) == 1  # rows agree: the search blocks EOS, no rewrite
+        if native_min and (least := min_new.pop()) > 0:
+            options["min_length"] = width + least
         if first.guidance is not None:
             # Alone, with onnxruntime-genai's sampler: it applies the grammar's mask.
             params.set_guidance(*first.guidance)
@@ -357,14 +366,15 @@ class Engine:
             if sampling.seed is not None:
                 options["random_seed"] = sampling.seed
         params.set_search_options(**options)
-        return _Batch(og.Generator(self.model, params), rows, prompt, chunk)
+        return _Batch(og.Generator(self.model, params), rows, prompt, chunk, native_min)
 
     def _rewrite_logits(self, batch: _Batch) -> None:
         """Apply each row's own sampling: penalties and EOS masks, then the draw."""
         if batch.rows[0].guidance is not None:
             return
-        rows = [(i, seq) for i, seq in enumerate(batch.rows)
-                if not seq.finished and seq.sampling.rewrites_logits]
+        rows = [(i, seq) for i, seq in enumerate(batch.rows) if not seq.finished and (
+            seq.sampling.rewrites_logits
+            or (not batch.native_min and len(seq.produced) < seq.min_new))]
         if not rows:
             return
         logits = np.array(batch.generator.get_logits(), dtype=np.float32)

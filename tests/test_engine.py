@@ -166,6 +166,17 @@ def test_sample_token_stays_in_the_nucleus(seed: int, top_k: int, top_p: float,
     assert sample_token(logits, s, np.random.default_rng(seed)) == token  # seeded
 
 
+def test_sample_token_follows_the_distribution() -> None:
+    logits = np.log(np.array([0.5, 0.3, 0.2], dtype=np.float32))
+    rng = np.random.default_rng(0)
+    draws = [sample_token(logits, Sampling(temperature=1.0), rng) for _ in range(20000)]
+    freq = np.bincount(draws, minlength=3) / len(draws)
+    assert np.allclose(freq, [0.5, 0.3, 0.2], atol=0.02), freq
+    nucleus = [sample_token(logits, Sampling(temperature=1.0, top_p=0.75), rng)
+               for _ in range(5000)]
+    assert set(nucleus) == {0, 1}  # 0.5 + 0.3 reaches 0.75: token 2 is outside
+
+
 def test_sample_token_with_a_peaked_distribution_is_the_argmax() -> None:
     logits = np.zeros(49152, dtype=np.float32)
     logits[1234] = 50.0
