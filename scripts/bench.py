@@ -4,18 +4,32 @@
     .venv/bin/python scripts/bench.py            # raw loop, engine, socket
     .venv/bin/python scripts/bench.py --quick    # fewer repeats
     .venv/bin/python scripts/bench.py --json out.json
+    .venv/bin/python scripts/bench.py --report DIR [--quick]   # bench.json, bench.md, bench.png
 
 Every figure is printed beside the raw loop's, as a ratio: the machine's speed cancels out.
 Decode runs 128 greedy tokens with the end of sequence blocked; prefill uses a 512-token
 prompt; time to first token (TTFT) is from the request to the first token.
+
+``--report DIR`` measures more and writes it to DIR: the raw loop, the engine, the socket
+and MQTT at prompts of about 32, 512 and 2048 tokens (``--prompt-lengths``; decode tok/s
+and TTFT p50/p95 per length), 1, 2, 4 and 8 concurrent clients (``--clients``; aggregate
+tok/s and TTFT p50/p95), and for each daemon its start to READY time, RSS (sampled from
+/proc throughout, and VmHWM) and idle CPU (``--idle-seconds`` without requests, as % of
+one core). The daemons get a context large enough for the longest prompt plus the output.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import concurrent.futures
+import contextlib
+import datetime
+import gc
 import json
+import math
 import os
+import platform
 import resource
 import signal
 import socket
@@ -23,9 +37,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -35,11 +53,16 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 import onnxruntime_genai as og  # noqa: E402
+import psutil  # noqa: E402
 
 from edgeagent.engine import Delta, Engine, Sampling  # noqa: E402
 from edgeagent.planner import ModelMeta, Plan, genai_overlay, plan  # noqa: E402
 from edgeagent.probe import probe  # noqa: E402
 from edgeagent.settings import LimitsSettings, RuntimeSettings, Settings  # noqa: E402
+
+MB = 2**20
+SHORT = "Tell a story."
+FILLER = ["The", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog."]
 
 
 @dataclass
@@ -49,19 +72,42 @@ class Run:
     prefill_tps: float | None = None
 
 
+@dataclass
+class Streamed:
+    """One streamed request through a transport, counted from its usage."""
+
+    run: Run
+    tokens: int
+    prompt_tokens: int
+
+
+def rate(count: float, seconds: float) -> float:
+    """count / seconds, NaN when no time passed (e.g. all tokens came in one event)."""
+    return count / seconds if seconds > 0 else math.nan
+
+
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def prompt_content(engine: Engine, n_tokens: int) -> tuple[str, np.ndarray]:
+    """A user message whose chat prompt is the longest of at most ``n_tokens`` tokens (at
+    least one word, so a target under the template's own length gets the template + 1)."""
+    words = FILLER * (n_tokens // len(FILLER) + 1)  # a word is at least one token: enough
+
+    def text(k: int) -> str:
+        return " ".join(words[:k])
+
+    def tokens(k: int) -> np.ndarray:
+        return engine.encode(engine.chat_prompt([{"role": "user", "content": text(k)}]))
+
+    k = bisect.bisect_right(range(len(words) + 1), n_tokens, key=lambda k: len(tokens(k)))
+    return text(max(1, k - 1)), tokens(max(1, k - 1))
+
+
 def prompt_of(engine: Engine, n_tokens: int) -> np.ndarray:
     """A chat prompt of about ``n_tokens`` tokens."""
-    filler = "The quick brown fox jumps over the lazy dog. "
-    text = filler * max(1, n_tokens // 10)
-    tokens = engine.encode(engine.chat_prompt([{"role": "user", "content": text}]))
-    while len(tokens) > n_tokens:
-        text = text[: int(len(text) * n_tokens / len(tokens)) - 1]
-        tokens = engine.encode(engine.chat_prompt([{"role": "user", "content": text}]))
-    return tokens
+    return prompt_content(engine, n_tokens)[1]
 
 
 # ---------------------------------------------------------------- raw loop
@@ -87,7 +133,7 @@ class RawLoop:
             gen.get_next_tokens()
             count += 1
         t2 = time.perf_counter()
-        return Run((count - 1) / (t2 - t1), t1 - t0, len(tokens) / (t1 - t0))
+        return Run(rate(count - 1, t2 - t1), t1 - t0, rate(len(tokens), t1 - t0))
 
 
 def engine_run(engine: Engine, tokens: np.ndarray, n: int) -> Run:
@@ -100,7 +146,7 @@ def engine_run(engine: Engine, tokens: np.ndarray, n: int) -> Run:
             count += 1
             if count == 1:
                 first = last
-    return Run((count - 1) / (last - first), first - t0, len(tokens) / (first - t0))
+    return Run(rate(count - 1, last - first), first - t0, rate(len(tokens), first - t0))
 
 
 # ---------------------------------------------------------------- socket
@@ -121,15 +167,29 @@ class Daemon:
         notify.bind(str(self.dir / "notify"))
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEAGENT_")}
         env["NOTIFY_SOCKET"] = str(self.dir / "notify")
+        self.log = self.dir / "daemon.log"
         self.started = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "-m", "edgeagent", "run", "--config",
-                                      str(cfg)], env=env, cwd=REPO,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        notify.settimeout(180)
-        while b"READY=1" not in notify.recv(4096):
-            pass
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "edgeagent", "run", "--config",
+                                          str(cfg)], env=env, cwd=REPO,
+                                         stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.monotonic() + 180
+        notify.settimeout(1)
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    if b"READY=1" in notify.recv(4096):
+                        break
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"the daemon did not become ready (exit code "
+                                       f"{self.proc.returncode}): {self.log_tail()}")
+        finally:
+            notify.close()
         self.ready_s = time.perf_counter() - self.started
-        notify.close()
+
+    def log_tail(self, chars: int = 2000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
     def client(self) -> httpx.Client:
         return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.sock)),
@@ -138,41 +198,61 @@ class Daemon:
     def stream(self, messages: list[dict[str, str]], n: int) -> tuple[Run, int]:
         """Stream one chat completion; tokens are counted from the usage chunk, since
         the daemon may send several tokens in one event."""
+        s = self.stream_usage(messages, n)
+        return s.run, s.tokens
+
+    def stream_usage(self, messages: list[dict[str, str]], n: int) -> Streamed:
+        """``stream``, with the prompt tokens the daemon counted."""
         body = {"messages": messages, "max_tokens": n, "min_tokens": n, "stream": True,
                 "temperature": 0, "stream_options": {"include_usage": True}}
         t0 = time.perf_counter()
         first = last = 0.0
-        tokens = 0
+        usage: dict[str, int] = {}
         with self.client() as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}: {r.read().decode(errors='replace')}")
             for line in r.iter_lines():
                 if not line.startswith("data: {"):
                     continue
                 doc = json.loads(line[6:])
                 if doc.get("usage"):
-                    tokens = doc["usage"]["completion_tokens"]
+                    usage = doc["usage"]
                 elif doc["choices"] and doc["choices"][0]["delta"].get("content"):
                     last = time.perf_counter()
                     if not first:
                         first = last
-        return Run((tokens - 1) / (last - first), first - t0), tokens
+        tokens = usage.get("completion_tokens", 0)
+        return Streamed(Run(rate(tokens - 1, last - first), first - t0), tokens,
+                        usage.get("prompt_tokens", 0))
 
-    def rss_mb(self) -> float:
+    def health(self) -> dict[str, Any]:
+        with self.client() as c:
+            doc: dict[str, Any] = c.get("/health").json()
+            return doc
+
+    def status_mb(self, key: str) -> float:
+        """A size from /proc/PID/status (VmRSS, VmHWM, ...) in MB."""
         with open(f"/proc/{self.proc.pid}/status") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) / 1024
         return 0.0
 
+    def rss_mb(self) -> float:
+        return self.status_mb("VmRSS")
+
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(60)
 
 
-def mqtt_stream(broker: Any, n: int, i: int = 0) -> tuple[Run, int]:
-    """One streamed request over MQTT 5 (response topic + correlation data)."""
+def mqtt_request(broker: Any, content: str, n: int) -> Streamed:
+    """One streamed request over MQTT 5 (response topic + correlation data); tokens are
+    counted from the final chunk's usage, since a chunk may carry several tokens."""
     from tests.broker import requester
 
-    body = {"messages": [{"role": "user", "content": f"Tell story number {i}."}],
+    body = {"messages": [{"role": "user", "content": content}],
             "max_tokens": n, "min_tokens": n, "stream": True, "temperature": 0}
     with requester(broker) as r:
         t0 = time.perf_counter()
@@ -181,6 +261,8 @@ def mqtt_stream(broker: Any, n: int, i: int = 0) -> tuple[Run, int]:
         chunks = 0
         while True:
             _, doc, _ = r.get(300)
+            if "error" in doc:
+                raise RuntimeError(f"MQTT error reply: {doc['error']}")
             choice = doc["choices"][0]
             if choice["delta"].get("content"):
                 last = time.perf_counter()
@@ -188,8 +270,17 @@ def mqtt_stream(broker: Any, n: int, i: int = 0) -> tuple[Run, int]:
                 if chunks == 1:
                     first = last
             if choice.get("finish_reason"):
+                usage = doc.get("usage") or {}
                 break
-    return Run((chunks - 1) / (last - first), first - t0), chunks
+    tokens = int(usage.get("completion_tokens", chunks))
+    return Streamed(Run(rate(tokens - 1, last - first), first - t0), tokens,
+                    int(usage.get("prompt_tokens", 0)))
+
+
+def mqtt_stream(broker: Any, n: int, i: int = 0) -> tuple[Run, int]:
+    """One streamed request over MQTT 5 (response topic + correlation data)."""
+    s = mqtt_request(broker, f"Tell story number {i}.", n)
+    return s.run, s.tokens
 
 
 def mqtt_round_trip(broker: Any, count: int) -> list[float]:
@@ -210,22 +301,559 @@ def mqtt_round_trip(broker: Any, count: int) -> list[float]:
 def median_run(runs: list[Run]) -> Run:
     return Run(statistics.median(r.decode_tps for r in runs),
                statistics.median(r.ttft_s for r in runs),
-               statistics.median(r.prefill_tps for r in runs) if runs[0].prefill_tps else None)
+               statistics.median(r.prefill_tps for r in runs if r.prefill_tps is not None)
+               if runs[0].prefill_tps else None)
+
+
+def print_summary(results: dict[str, Any], rows: list[tuple[str, float, float, str]]) -> None:
+    """The console table: every figure beside the raw loop's, with the ratio."""
+    print(f"\nedgeagent bench: {results['machine']}")
+    print(f"{'metric':38} {'raw loop':>10} {'edgeagent':>10} {'ratio':>7}")
+    for name, base, ours, _ in rows:
+        ratio = ours / base if base else float("nan")
+        print(f"{name:38} {base:10.1f} {ours:10.1f} {ratio:7.3f}")
+    if "socket" in results:
+        s2, r = results["socket"], results["raw"]
+        print(f"{'socket TTFT p50 - raw TTFT (ms)':38} "
+              f"{(s2['ttft_p50_s'] - s2.get('raw_ttft_s', r['ttft_s'])) * 1000:+10.1f}")
+        print(f"start to READY: {s2['ready_s']:.2f}s; daemon RSS {s2['daemon_rss_mb']:.0f} MB")
+    if "mqtt" in results:
+        rtt_ms = results["mqtt"]["one_token_rtt_p50_s"] * 1000
+        print(f"mqtt 1-token round trip p50: {rtt_ms:.1f} ms")
+    print(f"bench process RSS after loading both models: {results['rss_after_load_mb']:.0f} MB")
+
+
+# ---------------------------------------------------------------- report
+def int_list(text: str) -> list[int]:
+    """``1,2,4,8`` -> [1, 2, 4, 8] (positive, ascending, without duplicates)."""
+    try:
+        values = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from exc
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"positive integers expected: {text!r}")
+    return values
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.percentile(finite, q)) if finite else math.nan
+
+
+def median(values: Sequence[float]) -> float:
+    return percentile(values, 50)
+
+
+def report_context(lengths: Sequence[int], tokens: int) -> int:
+    """A context that admits the longest prompt plus its output (the daemon keeps
+    limits.min_output_tokens of room after a prompt), in steps of 256, at least 2048."""
+    need = max(lengths) + max(tokens, LimitsSettings().min_output_tokens)
+    return max(2048, -(-need // 256) * 256)
+
+
+class RssSampler:
+    """A process's RSS sampled from /proc (psutil) every ``interval`` s on a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
+        self.process = psutil.Process(pid)
+        self.interval = interval
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.samples.append(self.process.memory_info().rss / MB)
+            except psutil.Error:
+                return
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mb(self) -> float:
+        return max(self.samples, default=math.nan)
+
+
+def idle_cpu_pct(pid: int, seconds: float) -> float:
+    """CPU time (user + system, all threads) a process uses over ``seconds`` of wall time
+    without requests, as % of one core."""
+    process = psutil.Process(pid)
+    before, t0 = process.cpu_times(), time.perf_counter()
+    time.sleep(seconds)  # the measurement window itself
+    after, wall = process.cpu_times(), time.perf_counter() - t0
+    used = (after.user - before.user) + (after.system - before.system)
+    return float(100.0 * used / wall)
+
+
+def git(*argv: str) -> str | None:
+    try:
+        res = subprocess.run(["git", *argv], cwd=REPO, capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def machine_info(the_plan: Plan, model_path: Path) -> dict[str, Any]:
+    cpu_model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "cpu_model": cpu_model,
+        "cpus": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "cpus_in_affinity": len(os.sched_getaffinity(0)),
+        "ram_mb": round(psutil.virtual_memory().total / MB),
+        "available_mb_at_start": round(psutil.virtual_memory().available / MB),
+        "loadavg_at_start": list(os.getloadavg()),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "onnxruntime": metadata.version("onnxruntime"),
+        "onnxruntime_genai": metadata.version("onnxruntime-genai"),
+        "numpy": np.__version__,
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(status) if status is not None else None,
+        "threads": the_plan.threads,
+        "model": str(model_path),
+    }
+
+
+def by_length(runs: dict[int, list[Run]], prompt_tokens: dict[int, int],
+              raw: dict[int, list[Run]]) -> list[dict[str, Any]]:
+    """Per prompt length: decode tok/s, TTFT p50/p95, prefill tok/s, decode vs the raw loop's
+    at the same length."""
+    out = []
+    for target, rs in runs.items():
+        decode = median([r.decode_tps for r in rs])
+        ttfts = [r.ttft_s for r in rs]
+        out.append({
+            "prompt_tokens_target": target, "prompt_tokens": prompt_tokens[target],
+            "decode_tps": decode, "ttft_p50_s": median(ttfts),
+            "ttft_p95_s": percentile(ttfts, 95),
+            "prefill_tps": rate(prompt_tokens[target], median(ttfts)),
+            "decode_vs_raw": decode / median([r.decode_tps for r in raw[target]]),
+            "decode_tps_runs": [r.decode_tps for r in rs], "ttft_s_runs": ttfts,
+        })
+    return out
+
+
+def measure_transport(d: Daemon, one: Callable[[str, int], Streamed],
+                      raw_one: Callable[[int], Run], prompts: dict[int, str],
+                      clients: list[int], n: int, repeat: int,
+                      idle_s: float) -> dict[str, Any]:
+    """Single streams per prompt length, then concurrent clients, then an idle period,
+    with the daemon's RSS sampled throughout. Every request (or round of concurrent
+    requests) follows a raw loop run at the same prompt (``raw_one``, in this process while
+    the daemon idles), so that the ratios compare figures measured under the same load."""
+    with RssSampler(d.proc.pid) as sampler:
+        rss_ready = d.rss_mb()
+        one(SHORT, 8)  # warm-up
+        singles: dict[int, list[Streamed]] = {target: [] for target in prompts}
+        raw: dict[int, list[Run]] = {target: [] for target in prompts}
+        for _ in range(repeat):  # interleaved, so drift hits every length alike
+            for target, content in prompts.items():
+                raw[target].append(raw_one(target))
+                singles[target].append(one(content, n))
+        concurrency = []
+        for c in clients:
+            aggregates: list[float] = []
+            ratios: list[float] = []
+            ttfts: list[float] = []
+            for _ in range(repeat):
+                reference = raw_one(next(iter(prompts))).decode_tps
+                t0 = time.perf_counter()
+                with concurrent.futures.ThreadPoolExecutor(c) as pool:
+                    done = list(pool.map(lambda i: one(f"Tell story number {i}.", n),
+                                         range(c)))
+                aggregates.append(sum(s.tokens for s in done) / (time.perf_counter() - t0))
+                ratios.append(aggregates[-1] / reference)
+                ttfts += [s.run.ttft_s for s in done]
+            concurrency.append({
+                "clients": c, "aggregate_tps": median(aggregates),
+                "vs_raw_single": median(ratios),
+                "ttft_p50_s": median(ttfts), "ttft_p95_s": percentile(ttfts, 95),
+                "aggregate_tps_runs": aggregates, "vs_raw_single_runs": ratios})
+        idle = idle_cpu_pct(d.proc.pid, idle_s)
+    plan_doc = d.health().get("plan") or {}
+    figures = {
+        "ready_s": d.ready_s, "rss_ready_mb": rss_ready, "rss_peak_sampled_mb": sampler.peak_mb,
+        "rss_samples": len(sampler.samples), "rss_sample_interval_s": sampler.interval,
+        "vm_hwm_mb": d.status_mb("VmHWM"), "rss_end_mb": d.rss_mb(), "idle_cpu_pct": idle,
+        "idle_s": idle_s, "plan": {k: plan_doc.get(k) for k in
+                                   ("threads", "context_length", "max_batch", "max_prompt_tokens")},
+    }
+    return {"singles": singles, "raw": raw, "concurrency": concurrency, "daemon": figures}
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; the first column left-aligned, the others right-aligned."""
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "-" if not math.isfinite(v) else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+        return "-" if v is None else str(v)
+
+    lines = ["| " + " | ".join(header) + " |",
+             "| --- | " + " | ".join("---:" for _ in header[1:]) + " |"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+PHASES = {"engine": "between the engine's runs", "socket": "between socket requests",
+          "mqtt": "between MQTT requests"}
+
+
+def ref_of(doc: dict[str, Any], phase: str) -> float:
+    """The raw single stream (first prompt length) measured in a phase of the run."""
+    value: float = doc["raw_by_phase"][phase][0]["decode_tps"]
+    return value
+
+
+def render_markdown(doc: dict[str, Any]) -> str:
+    m, st = doc["machine"], doc["settings"]
+    out = [
+        "# edgeagent bench report\n",
+        f"{doc['date']}, commit `{(m['git_commit'] or '?')[:12]}`"
+        f"{' (dirty)' if m['git_dirty'] else ''}; {m['cpu_model']}, {m['cpus']} CPUs "
+        f"({m['physical_cores']} cores), {m['ram_mb']} MB RAM; Python {m['python']}, "
+        f"onnxruntime {m['onnxruntime']}, onnxruntime-genai {m['onnxruntime_genai']}; "
+        f"load average at start {m['loadavg_at_start'][0]:.2f}.\n",
+        f"Model `{Path(m['model']).name}`, {m['threads']} threads, context "
+        f"{st['context_length']}; {st['tokens']} greedy tokens per request (end of sequence "
+        f"blocked), repeats: {st['repeat']}{' (--quick)' if st['quick'] else ''}; "
+        f"{doc['runtime_s']:.0f} s in all.\n",
+        "Every path is compared with the raw onnxruntime-genai loop run alternately with it "
+        "in this run (in the bench process, while the daemon idles), so the machine's speed, "
+        "and its drift on a shared machine, cancel out. Raw single "
+        f"stream ({st['prompt_lengths'][0]}-token prompt): "
+        + ", ".join(f"{ref_of(doc, k):.1f} tok/s ({PHASES[k]})" for k in doc["raw_by_phase"])
+        + ".\n",
+        "## Summary\n",
+        markdown_table(["metric", "raw loop", "edgeagent", "ratio"],
+                       [(r["metric"], r["raw"], r["edgeagent"], r["ratio"])
+                        for r in doc["rows"]]),
+        "## Prompt length (one stream)\n",
+        "Decode tok/s should stay close across prompt lengths; TTFT grows with the prefill. "
+        "`vs raw` is against the raw loop at the same prompt, measured next to the path "
+        "(raw rows: the run with the engine).\n",
+    ]
+    rows: list[Sequence[Any]] = []
+    for target in st["prompt_lengths"]:
+        for path, entries in doc["prompt_lengths"].items():
+            e = next(x for x in entries if x["prompt_tokens_target"] == target)
+            rows.append((f"{target} ({e['prompt_tokens']})", path, e["decode_tps"],
+                         e["decode_vs_raw"], e["ttft_p50_s"] * 1000, e["ttft_p95_s"] * 1000,
+                         e["prefill_tps"]))
+    out.append(markdown_table(["prompt tokens (actual)", "path", "decode tok/s", "vs raw",
+                               "TTFT p50 ms", "TTFT p95 ms", "prefill tok/s"], rows))
+    out += ["The raw loop in each phase of the run (decode tok/s; TTFT p50 ms), which shows "
+            "how much the machine drifted:\n",
+            markdown_table(["raw loop", *[f"{t} tokens" for t in st["prompt_lengths"]]], [
+                (PHASES[k], *[f"{e['decode_tps']:.1f}; {e['ttft_p50_s'] * 1000:.0f}"
+                              if e["decode_tps"] is not None else "-" for e in entries])
+                for k, entries in doc["raw_by_phase"].items()])]
+    if doc["concurrency"]:
+        out += ["## Concurrent clients\n",
+                f"Aggregate tok/s: all clients' tokens over the wall time of the round; "
+                "`vs raw`: the median over the rounds of the round's aggregate over a raw "
+                f"single stream run just before it. {st['tokens']} tokens per client; TTFT "
+                "includes waiting for a batch slot.\n"]
+        conc_rows: list[Sequence[Any]] = [
+            (e["clients"], transport, e["aggregate_tps"], e["vs_raw_single"],
+             e["ttft_p50_s"] * 1000, e["ttft_p95_s"] * 1000)
+            for transport, entries in doc["concurrency"].items() for e in entries]
+        conc_rows.sort(key=lambda r: (r[0], r[1]))
+        out.append(markdown_table(["clients", "transport", "aggregate tok/s", "vs raw",
+                                   "TTFT p50 ms", "TTFT p95 ms"], conc_rows))
+    if doc["daemon"]:
+        names = list(doc["daemon"])
+        ds = [doc["daemon"][k] for k in names]
+        daemon_rows: list[Sequence[Any]] = [
+            ("start to READY (s)", *[x["ready_s"] for x in ds]),
+            ("RSS at READY (MB)", *[x["rss_ready_mb"] for x in ds]),
+            ("RSS peak, sampled (MB)", *[x["rss_peak_sampled_mb"] for x in ds]),
+            ("VmHWM (MB)", *[x["vm_hwm_mb"] for x in ds]),
+            ("RSS at the end (MB)", *[x["rss_end_mb"] for x in ds]),
+            (f"idle CPU, % of one core ({st['idle_s']:g} s)", *[x["idle_cpu_pct"] for x in ds]),
+            ("plan: max_batch", *[x["plan"]["max_batch"] for x in ds]),
+        ]
+        if "mqtt" in doc:
+            daemon_rows.append(("MQTT 1-token round trip p50 (ms)",
+                         *[doc["mqtt"]["one_token_rtt_p50_s"] * 1000 if k == "mqtt" else None
+                           for k in names]))
+        out += ["## Daemon\n",
+                f"RSS sampled from /proc every {ds[0]['rss_sample_interval_s']:g} s from READY "
+                "to the end of the idle period; VmHWM is the kernel's peak since start.\n",
+                markdown_table(["figure", *[f"{k} daemon" for k in names]], daemon_rows)]
+    out.append("![bench](bench.png)\n")
+    return "\n".join(out)
+
+
+COLOURS = {"raw": "C0", "engine": "C1", "socket": "C2", "mqtt": "C3"}
+
+
+def render_plot(doc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 3 if doc["concurrency"] else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), layout="constrained")
+    if doc["concurrency"]:
+        ax = axes[0]
+        for transport, entries in doc["concurrency"].items():
+            ax.plot([e["clients"] for e in entries], [e["aggregate_tps"] for e in entries],
+                    marker="o", label=transport, color=COLOURS.get(transport))
+            ax.axhline(ref_of(doc, transport), color=COLOURS.get(transport), linestyle="--",
+                       label=f"raw single stream ({PHASES[transport]})")
+        clients = doc["settings"]["clients"]
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(clients, [str(c) for c in clients])
+        ax.set(xlabel="concurrent clients", ylabel="aggregate tok/s",
+               title="Aggregate decode vs concurrency")
+        ax.set_ylim(bottom=0)
+        ax.legend()
+    lengths = doc["settings"]["prompt_lengths"]
+    for ax, key, label, title, scale in (
+            (axes[-2], "decode_tps", "decode tok/s (1 stream)", "Decode vs prompt length", 1),
+            (axes[-1], "ttft_p50_s", "TTFT p50 (ms)", "Time to first token", 1000)):
+        for name, entries in doc["prompt_lengths"].items():
+            ax.plot([e["prompt_tokens"] for e in entries],
+                    [math.nan if e[key] is None else e[key] * scale for e in entries],
+                    marker="o", label=name, color=COLOURS.get(name))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.set(xlabel="prompt tokens", ylabel=label, title=title)
+        if key == "decode_tps":
+            ax.set_ylim(bottom=0)
+        else:
+            ax.set_yscale("log")
+        ax.legend()
+    m = doc["machine"]
+    fig.suptitle(f"edgeagent {(m['git_commit'] or '?')[:8]}: {m['cpu_model']}, "
+                 f"{m['threads']} threads, {doc['settings']['tokens']} tokens")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def finite(obj: Any) -> Any:
+    """NaN and infinities as null, so that bench.json is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def raw_block(raw: RawLoop, prompts: dict[int, tuple[str, np.ndarray]], n: int,
+              repeat: int, engine: Engine | None = None
+              ) -> tuple[dict[int, list[Run]], dict[int, list[Run]]]:
+    """The raw loop at every prompt length, ``repeat`` times (interleaved with the engine
+    when given, so drift hits both alike): the reference of the figures measured next."""
+    raw_runs: dict[int, list[Run]] = {target: [] for target in prompts}
+    eng_runs: dict[int, list[Run]] = {target: [] for target in prompts}
+    for _ in range(repeat):
+        for target, (_, tokens) in prompts.items():
+            raw_runs[target].append(raw.run(tokens, n))
+            if engine is not None:
+                eng_runs[target].append(engine_run(engine, tokens, n))
+    return raw_runs, eng_runs
+
+
+def report(args: argparse.Namespace, model_path: Path, repeat: int) -> int:
+    """Measure everything, print the summary table, write bench.json, bench.md, bench.png.
+
+    Each path is compared with the raw loop run alternately with it (the raw loop stays
+    loaded in this process), so that the drift of a shared machine does not show up as a
+    ratio."""
+    started = time.perf_counter()
+    lengths: list[int] = args.prompt_lengths
+    clients: list[int] = args.clients
+    n: int = args.tokens
+    idle_s: float = args.idle_seconds if args.idle_seconds is not None else (
+        5.0 if args.quick else 10.0)
+    context = report_context(lengths, n)
+    the_plan = plan(probe(), ModelMeta.from_folder(model_path),
+                    RuntimeSettings(context_length=context), LimitsSettings())
+    results: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(the_plan, model_path),
+        "settings": {"tokens": n, "repeat": repeat, "quick": args.quick, "clients": clients,
+                     "prompt_lengths": lengths, "context_length": context, "idle_s": idle_s,
+                     "socket": not args.no_socket, "mqtt": not args.no_mqtt}}
+    phases: dict[str, float] = {}
+
+    t = time.perf_counter()
+    engine = Engine(model_path, the_plan)
+    results["engine_load_s"] = time.perf_counter() - t
+    raw = RawLoop(model_path, the_plan)
+    results["rss_after_load_mb"] = rss_mb()
+    prompts = {target: prompt_content(engine, target) for target in lengths}
+    prompt_tokens = {target: len(tokens) for target, (_, tokens) in prompts.items()}
+    contents = {target: content for target, (content, _) in prompts.items()}
+    short = engine.encode(engine.chat_prompt([{"role": "user", "content": SHORT}]))
+    raw.run(short, 8)  # warm-up
+    engine_run(engine, short, 8)
+    raw_runs, eng_runs = raw_block(raw, prompts, n, repeat, engine)
+    del engine  # free the cores' caches for the daemons
+    gc.collect()
+    phases["raw_and_engine_s"] = time.perf_counter() - t
+    lengths_doc = {"raw": by_length(raw_runs, prompt_tokens, raw_runs),
+                   "engine": by_length(eng_runs, prompt_tokens, raw_runs)}
+    raw_by_phase = {"engine": lengths_doc["raw"]}
+    pre = 512 if 512 in lengths else lengths[-1]
+    r, e = lengths_doc["raw"], lengths_doc["engine"]
+    ref = r[0]["decode_tps"]
+    results["raw_single_stream_tps"] = ref
+    results["raw"] = {"decode_tps": ref, "ttft_s": r[0]["ttft_p50_s"],
+                      f"prefill_tps_{pre}": r[lengths.index(pre)]["prefill_tps"]}
+    results["engine"] = {"decode_tps": e[0]["decode_tps"], "ttft_s": e[0]["ttft_p50_s"],
+                         f"prefill_tps_{pre}": e[lengths.index(pre)]["prefill_tps"],
+                         "raw_single_stream_tps": ref}
+    rows: list[tuple[str, float, float, str]] = [
+        ("decode tok/s (1 stream)", ref, e[0]["decode_tps"], "engine"),
+        (f"prefill tok/s ({pre})", r[lengths.index(pre)]["prefill_tps"],
+         e[lengths.index(pre)]["prefill_tps"], "engine"),
+        ("TTFT ms (short prompt)", r[0]["ttft_p50_s"] * 1000, e[0]["ttft_p50_s"] * 1000,
+         "engine"),
+    ]
+    conc_doc: dict[str, list[dict[str, Any]]] = {}
+    daemons: dict[str, dict[str, Any]] = {}
+    c4 = 4 if 4 in clients else clients[-1]
+
+    def transport(name: str, d: Daemon, one: Callable[[str, int], Streamed]) -> None:
+        """The daemon's figures, against the raw loop measured between its requests."""
+        got = measure_transport(d, one, lambda target: raw.run(prompts[target][1], n),
+                                contents, clients, n, repeat, idle_s)
+        phase_raw: dict[int, list[Run]] = got["raw"]
+        raw_by_phase[name] = by_length(phase_raw, prompt_tokens, phase_raw)
+        phase_ref = raw_by_phase[name][0]
+        lengths_doc[name] = by_length({k: [s.run for s in v] for k, v in got["singles"].items()},
+                                      {k: v[0].prompt_tokens for k, v in got["singles"].items()},
+                                      phase_raw)
+        conc_doc[name] = got["concurrency"]
+        daemons[name] = got["daemon"]
+        single = lengths_doc[name][0]
+        conc4 = next(x for x in got["concurrency"] if x["clients"] == c4)
+        agg = conc4["aggregate_tps"]
+        results[name] = {
+            "decode_tps": single["decode_tps"], "ttft_p50_s": single["ttft_p50_s"],
+            "ttft_p95_s": single["ttft_p95_s"], f"concurrent{c4}_aggregate_tps": agg,
+            "ready_s": d.ready_s, "daemon_rss_mb": got["daemon"]["rss_end_mb"],
+            "raw_single_stream_tps": phase_ref["decode_tps"],
+            "raw_ttft_s": phase_ref["ttft_p50_s"]}
+        what = "clients" if name == "socket" else "requesters"
+        rows.extend([
+            (f"{name} decode tok/s (1 stream)", phase_ref["decode_tps"], single["decode_tps"],
+             name),
+            # raw: the aggregate over the median of the per-round ratios, so the ratio
+            # printed is that median
+            (f"{name} {c4} {what} aggregate tok/s", agg / conc4["vs_raw_single"], agg,
+             name)])
+        if name == "socket":
+            rows.append(("socket TTFT p50 ms", phase_ref["ttft_p50_s"] * 1000,
+                         single["ttft_p50_s"] * 1000, "socket"))
+
+    if not args.no_socket:
+        t = time.perf_counter()
+        d = Daemon(model_path, context)
+        try:
+            transport("socket", d, lambda content, k: d.stream_usage(
+                [{"role": "user", "content": content}], k))
+        finally:
+            d.stop()
+        phases["socket_s"] = time.perf_counter() - t
+
+    if not args.no_mqtt:
+        from tests.broker import Broker
+
+        t = time.perf_counter()
+        broker = Broker(Path(tempfile.mkdtemp(prefix="eab-mq-", dir="/tmp")))
+        broker.start()
+        try:
+            d = Daemon(model_path, context, broker.url)
+            try:
+                transport("mqtt", d, lambda content, k: mqtt_request(broker, content, k))
+                rtt = mqtt_round_trip(broker, 10)
+                results["mqtt"]["one_token_rtt_p50_s"] = statistics.median(rtt)
+                results["mqtt"]["ttft_s"] = results["mqtt"]["ttft_p50_s"]
+            finally:
+                d.stop()
+        finally:
+            broker.stop()
+        phases["mqtt_s"] = time.perf_counter() - t
+
+    results["prompt_lengths"] = lengths_doc
+    results["raw_by_phase"] = raw_by_phase
+    results["concurrency"] = conc_doc
+    results["daemon"] = daemons
+    results["rows"] = [{"metric": name, "raw": b, "edgeagent": o, "ratio": o / b if b else None}
+                       for name, b, o, _ in rows]
+    results["machine"]["loadavg_at_end"] = list(os.getloadavg())
+    results["phases_s"] = phases
+    results["runtime_s"] = time.perf_counter() - started
+    print_summary(results, rows)
+    print(f"prompt lengths {lengths} (actual {list(prompt_tokens.values())}), clients "
+          f"{clients}, context {context}")
+
+    args.report.mkdir(parents=True, exist_ok=True)
+    doc = finite(results)
+    (args.report / "bench.json").write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    (args.report / "bench.md").write_text(render_markdown(doc))
+    render_plot(doc, args.report / "bench.png")
+    if args.json:
+        args.json.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    print(f"wrote {args.report}/bench.json, bench.md, bench.png "
+          f"({results['runtime_s']:.0f} s)")
+    return 0
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None)
-    ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--quick", action="store_true", help="2 repeats")
+    ap.add_argument("--tokens", type=int, default=128, help="tokens generated per request")
+    ap.add_argument("--repeat", type=int, default=None, help="default 5 (2 with --quick)")
+    ap.add_argument("--quick", action="store_true",
+                    help="2 repeats (and with --report, a 5 s idle period)")
     ap.add_argument("--no-socket", action="store_true")
     ap.add_argument("--no-mqtt", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--report", type=Path, default=None, metavar="DIR",
+                    help="the full measurement: bench.json, bench.md and bench.png in DIR")
+    ap.add_argument("--clients", type=int_list, default=[1, 2, 4, 8], metavar="N,N",
+                    help="--report: concurrent clients per round (default 1,2,4,8)")
+    ap.add_argument("--prompt-lengths", type=int_list, default=[32, 512, 2048],
+                    metavar="N,N", help="--report: prompt tokens, at most (default "
+                    "32,512,2048); the first is the single-stream reference")
+    ap.add_argument("--idle-seconds", type=float, default=None,
+                    help="--report: idle period for the daemon's idle CPU (default 10, "
+                    "5 with --quick)")
     args = ap.parse_args()
-    repeat = 2 if args.quick else args.repeat
+    if args.tokens < 2:
+        ap.error("--tokens must be at least 2 (decode speed is measured after the first)")
+    repeat = args.repeat if args.repeat is not None else 2 if args.quick else 5
+    if repeat < 1:
+        ap.error("--repeat must be at least 1")
     model_path = args.model or Settings().model_path
+    if args.report is not None:
+        return report(args, model_path, repeat)
     context = 2048
     the_plan = plan(probe(), ModelMeta.from_folder(model_path),
                     RuntimeSettings(context_length=context), LimitsSettings())
@@ -237,7 +865,7 @@ def main() -> int:
     results["engine_load_s"] = time.perf_counter() - t
     raw = RawLoop(model_path, the_plan)
     results["rss_after_load_mb"] = rss_mb()
-    short = engine.encode(engine.chat_prompt([{"role": "user", "content": "Tell a story."}]))
+    short = engine.encode(engine.chat_prompt([{"role": "user", "content": SHORT}]))
     long = prompt_of(engine, 512)
 
     raw_run(raw, short, 8)  # warm-up
@@ -250,6 +878,7 @@ def main() -> int:
         eng_pre.append(engine_run(engine, long, 2))
     r, e = median_run(raw_decode), median_run(eng_decode)
     rp, ep = median_run(raw_pre), median_run(eng_pre)
+    assert rp.prefill_tps is not None and ep.prefill_tps is not None
     results["raw"] = {"decode_tps": r.decode_tps, "ttft_s": r.ttft_s,
                       "prefill_tps_512": rp.prefill_tps}
     results["engine"] = {"decode_tps": e.decode_tps, "ttft_s": e.ttft_s,
@@ -264,7 +893,7 @@ def main() -> int:
     if not args.no_socket:
         d = Daemon(model_path, context)
         try:
-            msgs = [{"role": "user", "content": "Tell a story."}]
+            msgs = [{"role": "user", "content": SHORT}]
             d.stream(msgs, 8)
             sock_runs = [d.stream(msgs, args.tokens)[0] for _ in range(repeat)]
             ttfts = sorted(x.ttft_s for x in sock_runs)
@@ -319,20 +948,7 @@ def main() -> int:
             d.stop()
             broker.stop()
 
-    print(f"\nedgeagent bench: {results['machine']}")
-    print(f"{'metric':38} {'raw loop':>10} {'edgeagent':>10} {'ratio':>7}")
-    for name, base, ours, _ in rows:
-        ratio = ours / base if base else float("nan")
-        print(f"{name:38} {base:10.1f} {ours:10.1f} {ratio:7.3f}")
-    if "socket" in results:
-        s2 = results["socket"]
-        print(f"{'socket TTFT p50 - raw TTFT (ms)':38} "
-              f"{(s2['ttft_p50_s'] - r.ttft_s) * 1000:+10.1f}")
-        print(f"start to READY: {s2['ready_s']:.2f}s; daemon RSS {s2['daemon_rss_mb']:.0f} MB")
-    if "mqtt" in results:
-        rtt_ms = results["mqtt"]["one_token_rtt_p50_s"] * 1000
-        print(f"mqtt 1-token round trip p50: {rtt_ms:.1f} ms")
-    print(f"bench process RSS after loading both models: {results['rss_after_load_mb']:.0f} MB")
+    print_summary(results, rows)
     results["rows"] = [{"metric": n, "raw": b, "edgeagent": o, "ratio": o / b if b else None}
                        for n, b, o, _ in rows]
     print(json.dumps(results, indent=1, default=lambda o: asdict(o)))
