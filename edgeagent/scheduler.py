@@ -75,7 +75,7 @@ Sink = Callable[[Item], None]
 
 _ids = itertools.count(1)
 
-#: The batch window applies for this long after requests last overlapped.
+#: How long the scheduler remembers how many jobs were in the system at once.
 CONCURRENCY_MEMORY_S = 10.0
 
 
@@ -124,7 +124,8 @@ class Scheduler:
         self._accepting = True
         self._stop = False
         self._pending_swap: tuple[Engine, Plan] | None = None
-        self._last_overlap = -CONCURRENCY_MEMORY_S  # when a job last arrived alongside another
+        #: (time, jobs in the system) at each submit, for the last CONCURRENCY_MEMORY_S
+        self._levels: collections.deque[tuple[float, int]] = collections.deque()
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
 
     # ----------------------------------------------------------- properties
@@ -187,9 +188,11 @@ class Scheduler:
                     f"the queue is full ({self.settings.limits.max_queue} requests waiting); "
                     "retry later"
                 )
-            if self._queue or self._running:
-                self._last_overlap = time.monotonic()
             self._queue.append(job)
+            now = time.monotonic()
+            self._levels.append((now, len(self._queue) + len(self._running)))
+            while self._levels[0][0] < now - CONCURRENCY_MEMORY_S:
+                self._levels.popleft()
             self.stats.submitted += 1
             self._cond.notify()
 
@@ -280,17 +283,20 @@ class Scheduler:
         """From idle, wait a moment (``runtime.batch_window_ms``) for more arrivals.
 
         Batches are static: sequences that arrive while a batch runs wait for the next
-        one. Requests that come together should start together. Only worth its latency
-        when requests have overlapped lately: a lone client's requests start at once.
+        one, so requests that come together should start together; independent clients
+        send theirs tens of milliseconds apart. It waits only until as many jobs are queued
+        as were in the system at once lately (the active clients): a lone client's
+        requests start at once.
         """
         window = self.settings.runtime.batch_window_ms / 1000
         if not self._queue or window <= 0:
             return
-        if len(self._queue) == 1 and (
-                time.monotonic() - self._last_overlap > CONCURRENCY_MEMORY_S):
-            return
+        now = time.monotonic()
+        recent = max((n for t, n in self._levels if t >= now - CONCURRENCY_MEMORY_S),
+                     default=1)
+        expected = min(self._engine.capacity, recent)
         until = self._queue[0].submitted + window
-        while (not self._stop and len(self._queue) < self._engine.capacity
+        while (not self._stop and len(self._queue) < expected
                and (left := until - time.monotonic()) > 0):
             self._cond.wait(timeout=left)
 

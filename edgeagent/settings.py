@@ -103,12 +103,13 @@ class RuntimeSettings(Section):
         default=4, ge=1, description="Upper bound for an automatic max_batch."
     )
     batch_window_ms: float = Field(
-        default=5.0,
+        default=100.0,
         ge=0,
         le=1000,
-        description="From idle, how long the scheduler waits for more requests so that "
-        "requests arriving together are generated as one batch (only while requests have "
-        "overlapped in the last 10 seconds: a lone client's requests start at once).",
+        description="From idle, how long the scheduler may wait for more requests so that "
+        "requests arriving together are generated as one batch. It waits only until as many "
+        "requests are queued as were in the daemon at once in the last 10 seconds, so a "
+        "lone client's requests start at once.",
     )
     probe_root: Path = Field(
         default=Path("/"),
