@@ -183,7 +183,7 @@ class _Batch:
     rows: list[Sequence]
     prompt: np.ndarray  # (rows, padded prompt length), left-padded
     chunk: int
-    #: The generator blocks EOS until every row's min_new itself (rows that agree on it).
+    #: The search blocks EOS itself (min_length): every row has the same min_new.
     native_min: bool = False
     fed: int = 0
 
