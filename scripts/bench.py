@@ -205,22 +205,26 @@ class Daemon:
         """``stream``, with the prompt tokens the daemon counted."""
         body = {"messages": messages, "max_tokens": n, "min_tokens": n, "stream": True,
                 "temperature": 0, "stream_options": {"include_usage": True}}
-        t0 = time.perf_counter()
         first = last = 0.0
         usage: dict[str, int] = {}
-        with self.client() as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
-            if r.status_code != 200:
-                raise RuntimeError(f"HTTP {r.status_code}: {r.read().decode(errors='replace')}")
-            for line in r.iter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                doc = json.loads(line[6:])
-                if doc.get("usage"):
-                    usage = doc["usage"]
-                elif doc["choices"] and doc["choices"][0]["delta"].get("content"):
-                    last = time.perf_counter()
-                    if not first:
-                        first = last
+        # The client is built before the clock starts: httpx spends ~25 ms creating its SSL
+        # context, which is the client's cost, not the daemon's time to first token.
+        with self.client() as c:
+            t0 = time.perf_counter()
+            with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                if r.status_code != 200:
+                    raise RuntimeError(
+                        f"HTTP {r.status_code}: {r.read().decode(errors='replace')}")
+                for line in r.iter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    doc = json.loads(line[6:])
+                    if doc.get("usage"):
+                        usage = doc["usage"]
+                    elif doc["choices"] and doc["choices"][0]["delta"].get("content"):
+                        last = time.perf_counter()
+                        if not first:
+                            first = last
         tokens = usage.get("completion_tokens", 0)
         return Streamed(Run(rate(tokens - 1, last - first), first - t0), tokens,
                         usage.get("prompt_tokens", 0))
