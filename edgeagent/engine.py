@@ -328,8 +328,8 @@ class Engine:
         chunk = self.plan.prefill_chunk
         first = self._pending[0]
         rows = [first]
+        width, longest = len(first.prompt), first.max_new
         if first.guidance is None and len(first.prompt) <= chunk:
-            width, longest = len(first.prompt), first.max_new
             for seq in self._pending[1:]:
                 if len(rows) >= self.capacity:
                     break
@@ -340,13 +340,12 @@ class Engine:
                     width, longest = w, n
         for seq in rows:
             self._pending.remove(seq)
-        width = max(len(seq.prompt) for seq in rows)
         prompt = np.full((len(rows), width), self.pad_id, dtype=np.int32)
         for i, seq in enumerate(rows):
             prompt[i, width - len(seq.prompt):] = seq.prompt
         params = og.GeneratorParams(self.model)
         options: dict[str, Any] = {
-            "max_length": width + max(seq.max_new for seq in rows),
+            "max_length": width + longest,
             "batch_size": len(rows),
             "do_sample": False,
         }

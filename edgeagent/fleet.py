@@ -270,9 +270,8 @@ class Fleet:
         try:  # written first, so that a full disk refuses the push before anything changes
             settings.state_dir.mkdir(parents=True, exist_ok=True)
             await asyncio.to_thread(write_json_atomic, pending, new_doc)
-        except OSError as exc:
+        except OSError as exc:  # the atomic write left nothing behind
             daemon.last_apply = "rejected"
-            pending.unlink(missing_ok=True)
             return {"version": version, "status": "rejected",
                     "errors": [f"(persist): cannot write {pending}: {exc.strerror or exc}; "
                                "the previous configuration is kept"]}

@@ -374,15 +374,19 @@ def _logits_bytes(meta: ModelMeta, batch: int) -> int:
     return meta.vocab_size * LOGITS_BYTES_PER_ELEMENT * rows
 
 
+def _attention_per_token(meta: ModelMeta, batch: int) -> int:
+    """Attention scores of a prefill step, per context token: a chunk's column of them."""
+    return meta.attention_heads * prefill_chunk(meta, batch) * ATTENTION_BYTES_PER_ELEMENT
+
+
 def _attention_bytes(meta: ModelMeta, batch: int, context: int) -> int:
     """Attention scores of a prefill step: one chunk against everything before it."""
-    return meta.attention_heads * prefill_chunk(meta, batch) * context * ATTENTION_BYTES_PER_ELEMENT
+    return _attention_per_token(meta, batch) * context
 
 
 def _per_token(meta: ModelMeta, batch: int) -> int:
     """Bytes one more context token costs: its KV cache, and its column of prefill scores."""
-    return (meta.kv_bytes_per_token * batch
-            + meta.attention_heads * prefill_chunk(meta, batch) * ATTENTION_BYTES_PER_ELEMENT)
+    return meta.kv_bytes_per_token * batch + _attention_per_token(meta, batch)
 
 
 def _largest_context(room: int, meta: ModelMeta, batch: int, ceiling: int) -> int:

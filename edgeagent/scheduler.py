@@ -189,10 +189,8 @@ class Scheduler:
                     "retry later"
                 )
             self._queue.append(job)
-            now = time.monotonic()
-            self._levels.append((now, len(self._queue) + len(self._running)))
-            while self._levels[0][0] < now - CONCURRENCY_MEMORY_S:
-                self._levels.popleft()
+            self._levels.append((time.monotonic(), len(self._queue) + len(self._running)))
+            self._recent_peak()  # prunes: under sustained load the loop never gathers
             self.stats.submitted += 1
             self._cond.notify()
 
@@ -291,14 +289,19 @@ class Scheduler:
         window = self.settings.runtime.batch_window_ms / 1000
         if not self._queue or window <= 0:
             return
-        now = time.monotonic()
-        recent = max((n for t, n in self._levels if t >= now - CONCURRENCY_MEMORY_S),
-                     default=1)
-        expected = min(self._engine.capacity, recent)
+        expected = min(self._engine.capacity, self._recent_peak())
         until = self._queue[0].submitted + window
         while (not self._stop and len(self._queue) < expected
                and (left := until - time.monotonic()) > 0):
             self._cond.wait(timeout=left)
+
+    def _recent_peak(self) -> int:
+        """The most jobs in the system at once in the last CONCURRENCY_MEMORY_S (under the
+        lock); older levels are dropped."""
+        horizon = time.monotonic() - CONCURRENCY_MEMORY_S
+        while self._levels and self._levels[0][0] < horizon:
+            self._levels.popleft()
+        return max((n for _, n in self._levels), default=1)
 
     def _queue_ready(self) -> bool:
         return bool(self._queue) and self._pending_swap is None

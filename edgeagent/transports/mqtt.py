@@ -187,8 +187,7 @@ class MqttTransport:
         JSON or on the network. What has queued up meanwhile goes out coalesced: a
         stream's consecutive tokens become one chunk, as on the socket."""
         while True:
-            first = self.replies.get()
-            backlog = [first]
+            backlog = [self.replies.get()]
             while backlog[-1] is not None:
                 try:
                     backlog.append(self.replies.get_nowait())
