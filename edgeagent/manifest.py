@@ -292,12 +292,17 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_json_atomic(path: Path, doc: Mapping[str, Any]) -> None:
-    """Write ``doc`` to ``path`` through a temp file in the same folder, fsync, os.replace."""
+    """Write ``doc`` as JSON to ``path`` atomically (``write_text_atomic``)."""
+    write_text_atomic(path, json.dumps(doc, indent=2, sort_keys=False) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same folder, fsync, os.replace,
+    fsync of the folder: a reader sees the old file or the new one, never a part."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=2, sort_keys=False)
-            fh.write("\n")
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)

@@ -21,7 +21,7 @@ import psutil
 import structlog
 
 from edgeagent import __version__
-from edgeagent.manifest import fsync_dir, manifest_summary
+from edgeagent.manifest import manifest_summary, write_text_atomic
 from edgeagent.probe import probe
 from edgeagent.settings import existing_ancestor
 
@@ -133,13 +133,7 @@ class Telemetry:
             lines = list(self._buffer)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            with tmp.open("w", encoding="utf-8") as fh:
-                fh.write("".join(line + "\n" for line in lines))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
+            write_text_atomic(path, "".join(line + "\n" for line in lines))
         except (OSError, ValueError) as exc:  # a full disk, a bad folder: keep publishing
             self.spool_errors += 1
             if str(exc) != self._spool_error:
