@@ -33,7 +33,6 @@ import platform
 import resource
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -103,11 +102,6 @@ def prompt_content(engine: Engine, n_tokens: int) -> tuple[str, np.ndarray]:
 
     k = bisect.bisect_right(range(len(words) + 1), n_tokens, key=lambda k: len(tokens(k)))
     return text(max(1, k - 1)), tokens(max(1, k - 1))
-
-
-def prompt_of(engine: Engine, n_tokens: int) -> np.ndarray:
-    """A chat prompt of about ``n_tokens`` tokens."""
-    return prompt_content(engine, n_tokens)[1]
 
 
 # ---------------------------------------------------------------- raw loop
@@ -303,9 +297,9 @@ def mqtt_round_trip(broker: Any, count: int) -> list[float]:
 
 
 def median_run(runs: list[Run]) -> Run:
-    return Run(statistics.median(r.decode_tps for r in runs),
-               statistics.median(r.ttft_s for r in runs),
-               statistics.median(r.prefill_tps for r in runs if r.prefill_tps is not None)
+    return Run(median([r.decode_tps for r in runs]),
+               median([r.ttft_s for r in runs]),
+               median([r.prefill_tps for r in runs if r.prefill_tps is not None])
                if runs[0].prefill_tps else None)
 
 
@@ -795,7 +789,7 @@ def report(args: argparse.Namespace, model_path: Path, repeat: int) -> int:
             try:
                 transport("mqtt", d, lambda content, k: mqtt_request(broker, content, k))
                 rtt = mqtt_round_trip(broker, 10)
-                results["mqtt"]["one_token_rtt_p50_s"] = statistics.median(rtt)
+                results["mqtt"]["one_token_rtt_p50_s"] = median(rtt)
                 results["mqtt"]["ttft_s"] = results["mqtt"]["ttft_p50_s"]
             finally:
                 d.stop()
@@ -870,9 +864,9 @@ def main() -> int:
     raw = RawLoop(model_path, the_plan)
     results["rss_after_load_mb"] = rss_mb()
     short = engine.encode(engine.chat_prompt([{"role": "user", "content": SHORT}]))
-    long = prompt_of(engine, 512)
+    long = prompt_content(engine, 512)[1]
 
-    raw_run(raw, short, 8)  # warm-up
+    raw.run(short, 8)  # warm-up
     engine_run(engine, short, 8)
     raw_decode, eng_decode, raw_pre, eng_pre = [], [], [], []
     for _ in range(repeat):  # interleaved, so drift hits both alike
@@ -912,14 +906,14 @@ def main() -> int:
                 total = sum(pool.map(one, range(4)))
             agg = total / (time.perf_counter() - t0)
             results["socket"] = {
-                "decode_tps": s.decode_tps, "ttft_p50_s": statistics.median(ttfts),
+                "decode_tps": s.decode_tps, "ttft_p50_s": median(ttfts),
                 "ttft_p95_s": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))],
                 "concurrent4_aggregate_tps": agg, "ready_s": d.ready_s,
                 "daemon_rss_mb": d.rss_mb()}
             rows += [
                 ("socket decode tok/s (1 stream)", r.decode_tps, s.decode_tps, "socket"),
                 ("socket 4 clients aggregate tok/s", r.decode_tps, agg, "socket"),
-                ("socket TTFT p50 ms", r.ttft_s * 1000, statistics.median(ttfts) * 1000,
+                ("socket TTFT p50 ms", r.ttft_s * 1000, median(ttfts) * 1000,
                  "socket"),
             ]
         finally:
@@ -942,7 +936,7 @@ def main() -> int:
             agg = total / (time.perf_counter() - t0)
             rtt = mqtt_round_trip(broker, 10)
             results["mqtt"] = {"decode_tps": m.decode_tps, "concurrent4_aggregate_tps": agg,
-                               "one_token_rtt_p50_s": statistics.median(rtt),
+                               "one_token_rtt_p50_s": median(rtt),
                                "ttft_s": m.ttft_s}
             rows += [
                 ("mqtt decode tok/s (1 stream)", r.decode_tps, m.decode_tps, "mqtt"),
@@ -959,10 +953,6 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
-
-
-def raw_run(raw: RawLoop, tokens: np.ndarray, n: int) -> Run:
-    return raw.run(tokens, n)
 
 
 if __name__ == "__main__":

@@ -57,27 +57,21 @@ def llama_cpp_decode(gguf: Path, threads: int, tokens: int, repeat: int,
 
 
 def genai_decode(model: Path, threads: int, tokens: int, repeat: int) -> list[float]:
+    """The bench's raw onnxruntime-genai loop (scripts/bench.py), under a plan with
+    ``threads`` intra-op threads."""
     import onnxruntime_genai as og
 
-    config = og.Config(str(model))
-    config.overlay(json.dumps(
-        {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-    m = og.Model(config)
-    tok = og.Tokenizer(m)
-    prompt = np.asarray(tok.encode(PROMPT), dtype=np.int32)
-    out = []
-    for _ in range(repeat + 1):
-        params = og.GeneratorParams(m)
-        params.set_search_options(max_length=len(prompt) + tokens, min_length=len(prompt)
-                                  + tokens, do_sample=False)
-        gen = og.Generator(m, params)
-        gen.append_tokens(prompt)
-        gen.generate_next_token()
-        t0 = time.perf_counter()
-        for _ in range(tokens - 1):
-            gen.generate_next_token()
-        out.append((tokens - 1) / (time.perf_counter() - t0))
-    return out[1:]
+    from edgeagent.planner import ModelMeta, plan
+    from edgeagent.probe import probe
+    from edgeagent.settings import LimitsSettings, RuntimeSettings
+    from scripts.bench import RawLoop
+
+    raw = RawLoop(model, plan(probe(), ModelMeta.from_folder(model),
+                              RuntimeSettings(threads=threads, context_length=1024),
+                              LimitsSettings()))
+    prompt = np.asarray(og.Tokenizer(raw.model).encode(PROMPT), dtype=np.int32)
+    runs = [raw.run(prompt, tokens).decode_tps for _ in range(repeat + 1)]
+    return runs[1:]  # the first run warms up
 
 
 def main() -> int:

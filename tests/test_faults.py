@@ -52,6 +52,13 @@ def _until(r: Requester, accept: Callable[[str, dict[str, Any], Any], bool],
             return doc
 
 
+def _until_online(r: Requester, timeout: float = 60) -> None:
+    """Follow the device's status and config reports; wait for the retained "online"."""
+    r.subscribe(STATUS)
+    r.subscribe(REPORTED)
+    _until(r, lambda t, doc, _c: t == STATUS and doc.get("state") == "online", timeout)
+
+
 def _chat_over_mqtt(r: Requester, corr: bytes, body: dict[str, Any] = HI) -> dict[str, Any]:
     r.request(REQUEST, body, correlation=corr)
     doc = _until(r, lambda t, _d, c: t == r.reply_topic and c == corr)
@@ -89,10 +96,7 @@ def test_broker_unreachable_at_boot_then_started(start_daemon: Any, tmp_path: Pa
     broker.start()
     try:
         with requester(broker) as r:
-            r.subscribe(STATUS)
-            r.subscribe(REPORTED)
-            # the retained status; the reconnect backoff is at most 30 s
-            _until(r, lambda t, doc, _c: t == STATUS and doc.get("state") == "online", 90)
+            _until_online(r, 90)  # the reconnect backoff is at most 30 s
             _chat_over_mqtt(r, b"late-1")
             report = _push(r, {"version": 1, "settings": {"limits": {"max_queue": 9}}})
             assert report["status"] == "applied", report
@@ -118,9 +122,7 @@ def test_sigkill_under_load_then_restart(start_daemon: Any, broker: Broker,
     overlay = tmp_path / "d-state" / "fleet-overlay.json"
     ids = [f"load-{i}".encode() for i in range(6)]
     with requester(broker) as r:
-        r.subscribe(STATUS)
-        r.subscribe(REPORTED)
-        _until(r, lambda t, doc, _c: t == STATUS and doc.get("state") == "online", 60)
+        _until_online(r)
         report = _push(r, {"version": 1, "settings": {"limits": {"default_max_tokens": 5}}})
         assert report["status"] == "applied", report
         # Clear the retained push: after the restart only the persisted overlay can say it.
@@ -206,9 +208,7 @@ def test_disk_full_while_persisting_a_push(start_daemon: Any, broker: Broker,
     state = tmp_path / "d-state"
     overlay = state / "fleet-overlay.json"
     with requester(broker) as r:
-        r.subscribe(STATUS)
-        r.subscribe(REPORTED)
-        _until(r, lambda t, doc, _c: t == STATUS and doc.get("state") == "online", 60)
+        _until_online(r)
         good = _push(r, {"version": 1, "settings": {"limits": {"max_queue": 5}}})
         assert good["status"] == "applied", good
         before = overlay.read_bytes()
