@@ -103,7 +103,8 @@ class Requester:
                  persistent: bool = False) -> None:
         self.v5 = v5
         self.token = uuid.uuid4().hex[:12]
-        self.reply_topic = f"test/{self.token}/reply"
+        # Under replies/#, one of the reply topics a daemon allows by default (mqtt.reply_topics).
+        self.reply_topic = f"replies/{self.token}/reply"
         self.inbox: queue.Queue[tuple[str, dict[str, Any], Any]] = queue.Queue()
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
