@@ -18,7 +18,9 @@ by the chunk, and a cancel lands between chunks.
 from __future__ import annotations
 
 import json
+import re
 import threading
+import uuid
 from collections.abc import Iterator
 from collections.abc import Sequence as SequenceT
 from dataclasses import dataclass, field
@@ -69,13 +71,24 @@ class Delta:
 
 @dataclass
 class Finish:
-    """The end of a sequence. ``tail`` is text held back for a stop string that never came."""
+    """The end of a sequence. ``tail`` is text held back for a stop string that never came;
+    ``error`` says what failed when ``reason`` is "error"."""
 
     reason: str  # "stop", "length", "cancelled" or "error"
     prompt_tokens: int
     completion_tokens: int
     tokens: list[int] = field(default_factory=list)
     tail: str = ""
+    error: str = ""
+
+
+class Plain(str):
+    """Client text in a chat: tokenized as text, so that a control-token string in it
+    (``<|im_end|>``) stays text and cannot close its turn or open a system one."""
+
+
+class GuidanceError(ValueError):
+    """onnxruntime-genai refused a guidance grammar or the sampling that goes with it."""
 
 
 class StopMatcher:
@@ -218,10 +231,19 @@ class Engine:
         self.tokenizer = og.Tokenizer(self.model)
         self.eos_ids: frozenset[int] = frozenset(int(t) for t in self.tokenizer.eos_token_ids)
         self._eos = np.asarray(sorted(self.eos_ids), dtype=np.int64)
-        pad = read_genai_config(model_path)["model"].get("pad_token_id")
+        genai = read_genai_config(model_path)["model"]
+        pad = genai.get("pad_token_id")
         self.pad_id = int(pad) if isinstance(pad, int) else min(self.eos_ids, default=0)
+        self.vocab_size = int(genai.get("vocab_size") or 0)
+        self._control = _control_pattern(model_path)
         self._pending: list[Sequence] = []
         self._batch: _Batch | None = None
+        # Guided generators are built on the transports' threads too (check_guidance): the
+        # lock keeps onnxruntime-genai's grammar set-up to one thread at a time. The first
+        # one builds the grammar's view of the vocabulary (~0.5 s): done here, at load, not
+        # inside the first guided request.
+        self._guidance_lock = threading.Lock()
+        self.check_guidance(("json_schema", '{"type": "object"}'), Sampling())
 
     # ------------------------------------------------------------------ text
     def chat_prompt(
@@ -236,11 +258,92 @@ class Engine:
             )
         )
 
+    def chat_tokens(
+        self, messages: SequenceT[dict[str, Any]], tools: SequenceT[dict[str, Any]] | None = None
+    ) -> np.ndarray:
+        """The chat prompt's tokens, client text kept as text.
+
+        A message's content is a string or a list of strings; :class:`Plain` ones are client
+        text. The template is rendered with a placeholder for each, its own text is
+        tokenized as usual (control tokens included) and each Plain text with
+        :meth:`encode_plain`, so that no client text turns into a control token.
+        """
+        nonce = uuid.uuid4().hex  # unguessable: a client cannot forge a placeholder
+        plain: list[str] = []
+
+        def mark(part: str) -> str:
+            if not isinstance(part, Plain):
+                return part
+            plain.append(part)
+            return f"\ue000{nonce}:{len(plain) - 1}\ue001"
+
+        rendered = [{**m, "content": "".join(mark(part) for part in _parts(m.get("content")))}
+                    for m in messages]
+        pieces = re.split(f"\ue000{nonce}:(\\d+)\ue001", self.chat_prompt(rendered, tools))
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):  # template, index of a Plain, template, ...
+            ids.extend(self.encode_plain(plain[int(piece)]) if i % 2 else self.encode(piece))
+        return np.asarray(ids, dtype=np.int32)
+
     def encode(self, text: str) -> np.ndarray:
+        """Tokens of ``text``; control-token strings in it become control tokens."""
+        if not text:
+            return np.zeros(0, dtype=np.int32)
         return np.asarray(self.tokenizer.encode(text), dtype=np.int32)
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Tokens of ``text`` as text: the tokenizer matches a control token only as a whole
+        string within one call, so each one in ``text`` is encoded in two calls (its first
+        character, then the rest)."""
+        if self._control is None:
+            return [int(t) for t in self.encode(text)]
+        ids: list[int] = []
+        pos = 0
+        for match in self._control.finditer(text):
+            ids.extend(int(t) for t in self.encode(text[pos:match.start()]))
+            ids.extend(int(t) for t in self.encode(match.group()[0]))
+            ids.extend(self.encode_plain(match.group()[1:]))
+            pos = match.end()
+        ids.extend(int(t) for t in self.encode(text[pos:]))
+        return ids
 
     def decode(self, tokens: SequenceT[int] | np.ndarray) -> str:
         return str(self.tokenizer.decode(np.asarray(tokens, dtype=np.int32)))
+
+    # ------------------------------------------------------------ guidance
+    def check_guidance(self, guidance: tuple[str, str], sampling: Sampling) -> None:
+        """Raise GuidanceError when onnxruntime-genai refuses this grammar or its sampling.
+
+        It builds a throw-away guided generator of two tokens (about a millisecond: the
+        grammar is compiled, nothing runs), on the caller's thread: the admission check.
+        """
+        try:
+            self._guided_generator(guidance, sampling, {"max_length": 2, "batch_size": 1})
+        except Exception as exc:  # onnxruntime-genai raises plain RuntimeErrors
+            raise GuidanceError(str(exc).removeprefix("Error creating grammar: ")) from exc
+
+    def _guided_generator(self, guidance: tuple[str, str], sampling: Sampling,
+                          options: dict[str, Any]) -> Any:
+        """A generator under onnxruntime-genai's own sampler, which applies the grammar."""
+        params = og.GeneratorParams(self.model)
+        params.set_guidance(*guidance)
+        params.set_search_options(**{**options, **self._native_sampling(sampling)})
+        with self._guidance_lock:
+            return og.Generator(self.model, params)
+
+    def _native_sampling(self, sampling: Sampling) -> dict[str, Any]:
+        """onnxruntime-genai's sampler options for ``sampling``, within what it takes: top_k
+        at most the vocabulary (same draw: all of it), a seed in its int32."""
+        options: dict[str, Any] = {"do_sample": not sampling.greedy,
+                                   "repetition_penalty": sampling.repetition_penalty}
+        if not sampling.greedy:
+            top_k = sampling.top_k
+            if self.vocab_size and top_k > self.vocab_size:
+                top_k = self.vocab_size
+            options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=top_k)
+        if sampling.seed is not None:
+            options["random_seed"] = sampling.seed % 2**31
+        return options
 
     # ------------------------------------------------------------ generation
     @property
@@ -270,7 +373,8 @@ class Engine:
             )
         seq = Sequence(prompt, sampling, guidance, max(1, min(sampling.max_tokens, room)),
                        self.tokenizer.create_stream(), StopMatcher(sampling.stop),
-                       np.random.default_rng(sampling.seed))
+                       np.random.default_rng(None if sampling.seed is None
+                                             else sampling.seed % 2**64))
         self._pending.append(seq)
         return seq
 
@@ -278,39 +382,58 @@ class Engine:
         """Stop a sequence; its Finish("cancelled") comes out of the next ``step()``."""
         seq.cancel_requested = True
 
+    def holds(self, seq: Sequence) -> bool:
+        """Whether ``seq`` is pending or in the running batch (its Finish still to come)."""
+        in_batch = self._batch is not None and seq in self._batch.rows
+        return not seq.finished and (in_batch or seq in self._pending)
+
     def step(self) -> list[Event]:
-        """One step: a prefill chunk, or a token for every live sequence of the batch."""
+        """One step: a prefill chunk, or a token for every live sequence of the batch.
+
+        A batch that cannot be formed or stepped (a grammar onnxruntime-genai refuses, a
+        failing run) finishes its own sequences with "error"; the others are untouched.
+        """
         out: list[Event] = []
         self._reap_cancelled(out)
         if self._batch is None:
             if not self._pending:
                 return out
+            rows = self._next_rows()
+            for seq in rows:
+                self._pending.remove(seq)
             try:
-                self._batch = self._form_batch()
-            except Exception as exc:  # e.g. a guidance grammar onnxruntime-genai refuses
-                seq = self._pending.pop(0)
-                log.error("could not start a batch", error=str(exc))
-                out.append((seq, self._finish(seq, "error")))
-                return out
+                self._batch = self._form_batch(rows)
+            except Exception as exc:
+                return out + self._fail(rows, "could not start a batch", exc)
         batch = self._batch
         try:
+            self._step_batch(batch, out)
+        except Exception as exc:
+            self._batch = None  # frees the generator and its KV cache
+            return out + self._fail(batch.rows, "a batch step failed", exc)
+        if batch.done or batch.generator.is_done():
+            out.extend((seq, self._finish(seq, "stop")) for seq in batch.rows if not seq.finished)
+            self._batch = None
+        return out
+
+    def _step_batch(self, batch: _Batch, out: list[Event]) -> None:
+        """Feed a prefill chunk or generate a token; events go to ``out`` as they come, so
+        none is lost if a later row fails."""
+        if batch.prefilling:
+            batch.feed()
             if batch.prefilling:
-                batch.feed()
-                if batch.prefilling:
-                    return out  # the next chunk comes with the next step
-            self._rewrite_logits(batch)
-            batch.generator.generate_next_token()
-            tokens = batch.generator.get_next_tokens()
-        except Exception:
-            self._batch, self._pending = None, []
-            raise
+                return  # the next chunk comes with the next step
+        self._rewrite_logits(batch)
+        batch.generator.generate_next_token()
+        tokens = batch.generator.get_next_tokens()
         for row, seq in enumerate(batch.rows):
             if not seq.finished:
                 out.extend(self._accept(seq, int(tokens[row])))
-        if batch.done or batch.generator.is_done():
-            out.extend((seq, self._finish(seq, "stop")) for seq in batch.rows if not seq.finished)
-            self._batch = None  # frees the generator and its KV cache
-        return out
+
+    def _fail(self, rows: list[Sequence], what: str, exc: Exception) -> list[Event]:
+        log.error(what, error=str(exc), sequences=len(rows))
+        return [(seq, self._finish(seq, "error", error=f"{what}: {exc}"))
+                for seq in rows if not seq.finished]
 
     def _reap_cancelled(self, out: list[Event]) -> None:
         for seq in [s for s in self._pending if s.cancel_requested]:
@@ -323,8 +446,8 @@ class Engine:
             if self._batch.done:
                 self._batch = None
 
-    def _form_batch(self) -> _Batch:
-        """The next batch: the oldest pending sequence, and those that can share its batch."""
+    def _next_rows(self) -> list[Sequence]:
+        """The oldest pending sequence, and those that can share its batch."""
         chunk = self.plan.prefill_chunk
         first = self._pending[0]
         rows = [first]
@@ -338,12 +461,15 @@ class Engine:
                         w + n <= self.plan.context_length):
                     rows.append(seq)
                     width, longest = w, n
-        for seq in rows:
-            self._pending.remove(seq)
+        return rows
+
+    def _form_batch(self, rows: list[Sequence]) -> _Batch:
+        """A generator for ``rows``, their prompts left-padded to the longest."""
+        width = max(len(seq.prompt) for seq in rows)
+        longest = max(seq.max_new for seq in rows)
         prompt = np.full((len(rows), width), self.pad_id, dtype=np.int32)
         for i, seq in enumerate(rows):
             prompt[i, width - len(seq.prompt):] = seq.prompt
-        params = og.GeneratorParams(self.model)
         options: dict[str, Any] = {
             "max_length": width + longest,
             "batch_size": len(rows),
@@ -353,19 +479,14 @@ class Engine:
         native_min = len(min_new) == 1  # rows agree: the search blocks EOS, no rewrite
         if native_min and (least := min_new.pop()) > 0:
             options["min_length"] = width + least
-        if first.guidance is not None:
-            # Alone, with onnxruntime-genai's sampler: it applies the grammar's mask.
-            params.set_guidance(*first.guidance)
-            sampling = first.sampling
-            options.update(do_sample=not sampling.greedy,
-                           repetition_penalty=sampling.repetition_penalty)
-            if not sampling.greedy:
-                options.update(temperature=sampling.temperature, top_p=sampling.top_p,
-                               top_k=sampling.top_k)
-            if sampling.seed is not None:
-                options["random_seed"] = sampling.seed
-        params.set_search_options(**options)
-        return _Batch(og.Generator(self.model, params), rows, prompt, chunk, native_min)
+        first = rows[0]
+        if first.guidance is not None:  # alone (see _next_rows)
+            generator = self._guided_generator(first.guidance, first.sampling, options)
+        else:
+            params = og.GeneratorParams(self.model)
+            params.set_search_options(**options)
+            generator = og.Generator(self.model, params)
+        return _Batch(generator, rows, prompt, self.plan.prefill_chunk, native_min)
 
     def _rewrite_logits(self, batch: _Batch) -> None:
         """Apply each row's own sampling: penalties and EOS masks, then the draw."""
@@ -409,10 +530,11 @@ class Engine:
             out.append((seq, self._finish(seq, "length")))
         return out
 
-    def _finish(self, seq: Sequence, reason: str, stopped_by_string: bool = False) -> Finish:
+    def _finish(self, seq: Sequence, reason: str, stopped_by_string: bool = False,
+                error: str = "") -> Finish:
         seq.finished = True
         tail = "" if stopped_by_string or reason == "cancelled" else seq.stops.flush()
-        return Finish(reason, seq.prompt_tokens, len(seq.produced), seq.produced, tail)
+        return Finish(reason, seq.prompt_tokens, len(seq.produced), seq.produced, tail, error)
 
     def generate(
         self,
@@ -430,3 +552,24 @@ class Engine:
                 yield item
                 if isinstance(item, Finish):
                     return
+
+
+def _parts(content: Any) -> list[str]:
+    """A chat content as its parts: a string, a list of strings, or nothing."""
+    if content is None:
+        return []
+    return list(content) if isinstance(content, list) else [content]
+
+
+def _control_pattern(model_path: Path) -> re.Pattern[str] | None:
+    """A pattern of the tokenizer's added tokens (``<|im_end|>``...), which its encoder
+    matches as whole strings; None when the model folder lists none."""
+    try:
+        added = json.loads((model_path / "tokenizer.json").read_text())["added_tokens"]
+        strings = {str(t["content"]) for t in added if t.get("content")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not strings:
+        return None
+    # Longest first: the alternation takes the first that matches.
+    return re.compile("|".join(re.escape(t) for t in sorted(strings, key=len, reverse=True)))

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from edgeagent.engine import Engine, Sampling
+from edgeagent.engine import Engine, GuidanceError, Plain, Sampling
 from edgeagent.scheduler import AdmissionError
 from edgeagent.settings import ProfileSettings, Settings
 
@@ -297,21 +297,27 @@ def _new(kind: str) -> tuple[str, int]:
 def prepare_chat(req: ChatCompletionRequest, engine: Engine, settings: Settings,
                  model_id: str) -> Prepared:
     profile = resolve_profile(req.model, settings, model_id)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in req.messages]
+    # Every content the client sent is Plain: tokenized as text, never as control tokens.
+    # Only what the daemon itself adds (the profile's system prompt, the tools note) is
+    # template text.
+    messages: list[dict[str, Any]] = [
+        {"role": "system" if m.role == "developer" else m.role, "content": [Plain(m.text())]}
+        for m in req.messages]
     if profile.system_prompt and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": profile.system_prompt})
+        messages.insert(0, {"role": "system", "content": [profile.system_prompt]})
     guidance: tuple[str, str] | None = None
+    guided_by = "response_format"
     tool_mode = False
     tools = tool_guidance(req)
     if tools is not None:
         schema, offered = tools
         note = _tools_system_prompt(offered, req.tool_choice in (None, "auto"))
         if messages[0]["role"] == "system":
-            messages[0] = {"role": "system", "content": messages[0]["content"] + "\n\n" + note}
+            messages[0]["content"] += ["\n\n" + note]
         else:
-            messages.insert(0, {"role": "system", "content": note})
+            messages.insert(0, {"role": "system", "content": [note]})
         guidance = json_guidance(schema)
+        guided_by = "tools"
         tool_mode = True
     elif req.response_format is not None and req.response_format.type != "text":
         if req.response_format.type == "json_object":
@@ -323,16 +329,28 @@ def prepare_chat(req: ChatCompletionRequest, engine: Engine, settings: Settings,
             schema = req.response_format.json_schema.schema_ or {"type": "object"}
         guidance = json_guidance(schema)
     try:
-        prompt = engine.chat_prompt(messages)
+        tokens = engine.chat_tokens(messages)
     except Exception as exc:
         raise InvalidRequest(f"the chat template rejected the messages: {exc}",
                              "messages") from exc
-    tokens = engine.encode(prompt)
     sampling = _sampling(req, profile, len(tokens), settings, engine.plan.context_length)
+    if guidance is not None:
+        _check_guidance(engine, guidance, sampling, guided_by)
     rid, created = _new("chatcmpl")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return Prepared(rid, req.model, created, tokens, sampling, guidance, tool_mode,
                     include_usage)
+
+
+def _check_guidance(engine: Engine, guidance: tuple[str, str], sampling: Sampling,
+                    field: str) -> None:
+    """A 400 naming ``field`` when onnxruntime-genai refuses the grammar, here rather than
+    when its batch starts."""
+    try:
+        engine.check_guidance(guidance, sampling)
+    except GuidanceError as exc:
+        raise InvalidRequest(f"{field} cannot be used for constrained decoding: {exc}",
+                             field) from exc
 
 
 def prepare_completion(req: CompletionRequest, engine: Engine, settings: Settings,
