@@ -60,6 +60,24 @@ class Transport(Protocol):
 TransportFactory = Callable[["Daemon"], Transport]
 
 
+def plan_for(settings: Settings) -> Plan:
+    """The plan ``settings`` get on this machine, from the model's metadata alone (nothing
+    is loaded or verified), or a PlanError: also how a fleet push is checked in advance."""
+    meta = ModelMeta.from_folder(settings.model_path)
+    return plan(probe(settings.runtime.probe_root), meta, settings.runtime, settings.limits)
+
+
+def needs_reload(old: Settings, new: Settings) -> bool:
+    """Whether going from ``old`` to ``new`` changes the model or its plan."""
+    return (
+        new.model_path != old.model_path
+        or new.model.verify != old.model.verify
+        or new.runtime != old.runtime
+        or new.limits.max_prompt_tokens != old.limits.max_prompt_tokens
+        or new.limits.min_output_tokens != old.limits.min_output_tokens
+    )
+
+
 def load_engine(settings: Settings) -> tuple[Engine, Plan, dict[str, object] | None]:
     """Probe, plan, verify and load: everything a (re)load needs, or a StartupError."""
     path = settings.model_path
@@ -70,9 +88,7 @@ def load_engine(settings: Settings) -> tuple[Engine, Plan, dict[str, object] | N
         raise StartupError(f"model folder {path} does not exist{hint}")
     try:
         manifest = verify_model(path, check_hashes=settings.model.verify)
-        meta = ModelMeta.from_folder(path)
-        the_plan = plan(probe(settings.runtime.probe_root), meta, settings.runtime,
-                        settings.limits)
+        the_plan = plan_for(settings)
     except (ModelIntegrityError, PlanError) as exc:
         raise StartupError(str(exc)) from exc
     try:
@@ -242,8 +258,6 @@ class Daemon:
             self.notifier.send(f"STATUS=startup failed: {exc}")
             await self._close_transports()
             return STARTUP_FAILURE
-        for warning in self.plan.warnings:
-            log.warning("plan", warning=warning)
         self.scheduler = Scheduler(engine, self.plan, self.settings)
         self.scheduler.start()
         self.state = "ready"
@@ -327,14 +341,7 @@ class Daemon:
         configuration are kept)."""
         old = self.settings
         logsetup.configure(new.log.level, new.log.format)
-        needs_reload = (
-            new.model_path != old.model_path
-            or new.model.verify != old.model.verify
-            or new.runtime != old.runtime
-            or new.limits.max_prompt_tokens != old.limits.max_prompt_tokens
-            or new.limits.min_output_tokens != old.limits.min_output_tokens
-        )
-        if needs_reload and self.scheduler is not None:
+        if needs_reload(old, new) and self.scheduler is not None:
             log.info("configuration needs a model reload; the current model keeps serving")
             try:
                 engine, new_plan, manifest = await asyncio.to_thread(load_engine, new)

@@ -224,8 +224,6 @@ class Plan:
     #: Choice -> why: "threads", "context_length", "max_batch", "max_prompt_tokens",
     #: "provider", "memory".
     reasons: dict[str, str] = field(default_factory=dict)
-    #: Settings kept although they look wrong (e.g. more threads than CPUs); log them.
-    warnings: tuple[str, ...] = ()
 
     @property
     def spare_bytes(self) -> int:
@@ -233,7 +231,6 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out["warnings"] = list(self.warnings)
         out["spare_bytes"] = self.spare_bytes
         return out
 
@@ -289,7 +286,6 @@ class Plan:
         for label, value, note in account:
             text = f"  {label:<10} {value / mb:>10.1f}"
             lines.append(f"{text}  {note}" if note else text)
-        lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 
 
@@ -306,7 +302,7 @@ def genai_overlay(plan: Plan) -> dict[str, Any]:
 # --------------------------------------------------------------------------- planning
 
 
-def _choose_threads(hw: Hardware, runtime: RuntimeSettings) -> tuple[int, str, list[str]]:
+def _choose_threads(hw: Hardware, runtime: RuntimeSettings) -> tuple[int, str]:
     allowed = len(hw.affinity) if hw.affinity else None
     quota = hw.cpu_quota_threads
     facts: list[str] = []
@@ -343,20 +339,19 @@ def _choose_threads(hw: Hardware, runtime: RuntimeSettings) -> tuple[int, str, l
             v for v in (allowed or hw.logical_cpus, quota) if v is not None
         ]
         limit = min(limit_candidates) if limit_candidates else None
+        # More threads than CPUs only compete for them: 10,000 of them once left a gateway
+        # unresponsive (load ~7,000). Refused before any thread exists.
         if limit is not None and threads > limit:
-            warning = (
+            raise PlanError(
                 f"runtime.threads={threads} is more than the {limit} CPUs this process may use "
-                f"({context}); threads will compete and decoding will slow down"
+                f"({context}); set runtime.threads to at most {limit} or \"auto\""
             )
-            return threads, f"runtime.threads (warning: only {limit} CPUs allowed; {context})", [
-                warning
-            ]
-        return threads, f"runtime.threads ({context})", []
+        return threads, f"runtime.threads ({context})"
 
     physical = hw.physical_cores if hw.physical_cores is not None else hw.logical_cpus
     candidates = [v for v in (physical, allowed, hw.affinity_cores, quota) if v is not None]
     threads = max(1, min(candidates)) if candidates else 1
-    return threads, f"auto: {context}", []
+    return threads, f"auto: {context}"
 
 
 def prefill_chunk(meta: ModelMeta, batch: int) -> int:
@@ -409,6 +404,13 @@ def _need(meta: ModelMeta, context: int, batch: int) -> int:
             + _attention_bytes(meta, batch, context))
 
 
+def _largest_batch(room: int, meta: ModelMeta, context: int, cap: int) -> int:
+    """The largest batch <= cap that fits ``room`` at ``context`` tokens (0: none). Only
+    batches whose KV cache alone fits are tried, so a huge cap costs no more than a small one."""
+    most = min(cap, max(0, room) // (meta.kv_bytes_per_token * context))
+    return next((b for b in range(most, 0, -1) if _need(meta, context, b) <= room), 0)
+
+
 def plan(
     hw: Hardware, meta: ModelMeta, runtime: RuntimeSettings, limits: LimitsSettings
 ) -> Plan:
@@ -417,11 +419,11 @@ def plan(
     Automatic choices, in order: threads from the CPUs; then, when both context and batch
     are automatic, the batch shrinks first (down to 1) to keep the full context
     (min(model limit, runtime.auto_context_cap)), and only then does the context shrink, in
-    steps of 256 tokens. Explicit settings always win, but are checked against the model and
-    the memory budget.
+    steps of 256 tokens. Explicit settings always win, but are checked against the model, the
+    memory budget and (threads) the CPUs this process may use.
     """
     reasons: dict[str, str] = {}
-    threads, reasons["threads"], warnings = _choose_threads(hw, runtime)
+    threads, reasons["threads"] = _choose_threads(hw, runtime)
 
     # ---- memory available
     headroom = runtime.memory_headroom_mb * MB
@@ -501,11 +503,7 @@ def plan(
         reasons["max_batch"] = "runtime.max_batch (fits in memory)"
     elif runtime.context_length != "auto":
         ctx = runtime.context_length
-        batch = 0
-        for b in range(runtime.auto_max_batch_cap, 0, -1):
-            if _need(meta, ctx, b) <= room:
-                batch = b
-                break
+        batch = _largest_batch(room, meta, ctx, runtime.auto_max_batch_cap)
         if batch == 0:
             raise PlanError(
                 str(no_room(f"runtime.context_length={ctx} even with max_batch=1", ctx, 1))
@@ -540,7 +538,7 @@ def plan(
         cap = runtime.auto_max_batch_cap
         full = _largest_context(room, meta, 1, ceiling) == ceiling
         if full:
-            batch = max(b for b in range(1, cap + 1) if _need(meta, ceiling, b) <= room)
+            batch = _largest_batch(room, meta, ceiling, cap)
             ctx = ceiling
             reasons["context_length"] = f"auto: {ceiling_why}"
             reasons["max_batch"] = (
@@ -612,7 +610,6 @@ def plan(
         headroom_bytes=headroom,
         total_bytes=total,
         reasons=reasons,
-        warnings=tuple(warnings),
     )
 
 

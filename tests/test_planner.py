@@ -217,14 +217,31 @@ def test_explicit_threads_win() -> None:
     p = plan(box(cores=4), SMOL, rt(threads=3), lim())
     assert p.threads == 3
     assert p.reasons["threads"].startswith("runtime.threads")
-    assert p.warnings == ()
 
 
-def test_explicit_threads_above_cpus_warn() -> None:
-    p = plan(box(cores=2), SMOL, rt(threads=8), lim())
-    assert p.threads == 8
-    assert "warning" in p.reasons["threads"]
-    assert len(p.warnings) == 1 and "runtime.threads=8" in p.warnings[0]
+def test_explicit_threads_may_use_every_allowed_cpu() -> None:
+    # hyperthreads: 8 logical CPUs on 4 cores is a choice, not an absurdity
+    assert plan(box(cores=4, logical=8), SMOL, rt(threads=8), lim()).threads == 8
+
+
+@pytest.mark.parametrize(("hw", "threads", "allowed", "fact"), [
+    (box(cores=2), 8, 2, "affinity 0-1 (2 CPUs)"),
+    (box(cores=8, affinity=(0, 1)), 10000, 2, "affinity 0-1 (2 CPUs)"),
+    (box(cores=8, quota=1.5), 4, 2, "CPU quota 1.5 cores"),
+])
+def test_explicit_threads_above_the_cpus_allowed_are_refused(
+    hw: Hardware, threads: int, allowed: int, fact: str
+) -> None:
+    with pytest.raises(PlanError) as err:
+        plan(hw, SMOL, rt(threads=threads), lim())
+    message = str(err.value)
+    assert f"runtime.threads={threads} is more than the {allowed} CPUs" in message
+    assert fact in message
+
+
+def test_explicit_threads_kept_when_the_cpus_are_unknown() -> None:
+    hw = Hardware(mem_total_bytes=4 * GB, mem_available_bytes=4 * GB)
+    assert plan(hw, SMOL, rt(threads=16), lim()).threads == 16
 
 
 def test_explicit_threads_zero() -> None:
@@ -353,6 +370,17 @@ def test_explicit_batch_zero() -> None:
         plan(box(), SMOL, rt(max_batch=0), lim())
 
 
+@pytest.mark.timeout(60)  # a guard: the planner once tried every batch up to the cap
+@pytest.mark.parametrize("context", ["auto", 4096, 2])
+def test_huge_auto_batch_cap_is_bounded_by_memory(context: Any) -> None:
+    runtime = rt(context_length=context, auto_max_batch_cap=10**15)
+    p = plan(box(8 * GB), SMOL, runtime, lim())
+    small_cap = plan(box(8 * GB), SMOL, rt(context_length=context,
+                                          auto_max_batch_cap=p.max_batch + 5), lim())
+    assert p.max_batch == small_cap.max_batch < 10**15
+    assert p.total_bytes <= p.available_bytes
+
+
 def test_small_cap_not_rounded() -> None:
     p = plan(box(), SMOL, rt(auto_context_cap=100), lim(min_output_tokens=16))
     assert p.context_length == 100
@@ -382,14 +410,13 @@ def test_explicit_max_prompt_not_below_context() -> None:
 
 
 def test_describe_mentions_every_reason() -> None:
-    p = plan(box(86 * MB + 256 * MB + 100 * MB, quota=1.5), SMOL, rt(threads=8), lim())
+    p = plan(box(86 * MB + 256 * MB + 100 * MB, quota=1.5), SMOL, rt(threads=2), lim())
     text = p.describe()
     for key in ("threads", "context_length", "max_batch", "max_prompt_tokens", "provider"):
         assert p.reasons[key] in text
     assert p.reasons["memory"] in text
     for label in ("available", "weights", "KV cache", "logits", "attention", "headroom", "total"):
         assert label in text
-    assert "warning:" in text
     assert f"{p.kv_bytes / MB:.1f}" in text
 
 
