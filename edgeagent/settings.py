@@ -140,6 +140,13 @@ class SocketSettings(Section):
     tcp_port: int | None = Field(
         default=None, ge=1, le=65535, description="Port of the optional TCP listener; unset: off."
     )
+    idle_timeout_s: int = Field(
+        default=10,
+        ge=1,
+        description="A connection that has not sent a complete request head this long after "
+        "connecting or after its last response is closed (slow or silent clients hold a file "
+        "descriptor each).",
+    )
 
 
 class MqttSettings(Section):
@@ -214,7 +221,21 @@ class LimitsSettings(Section):
         default=300.0, gt=0, description="Deadline of a request from its arrival; beyond it: 408."
     )
     max_body_bytes: int = Field(
-        default=1024 * 1024, ge=1024, description="Largest HTTP request body accepted."
+        default=1024 * 1024,
+        ge=1024,
+        description="Largest HTTP request body accepted, declared or chunked; beyond it: 413.",
+    )
+    max_header_bytes: int = Field(
+        default=16 * 1024,
+        ge=1024,
+        description="Largest HTTP request head (request line and headers); beyond it: 431, "
+        "before more is read.",
+    )
+    max_connections: int = Field(
+        default=128,
+        ge=1,
+        description="HTTP connections served at once; a request on one more gets 503. Keep it "
+        "well below the unit's LimitNOFILE.",
     )
 
 

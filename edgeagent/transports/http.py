@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from edgeagent import __version__, protocol
 from edgeagent.engine import Delta, Finish
@@ -104,9 +105,90 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
-# ------------------------------------------------------------------ middleware
+# ------------------------------------------------------------------ connection guards
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the two guards it lacks.
+
+    httptools buffers a request head of any size, and uvicorn times a connection out only
+    between requests, so a client that sends a huge header, or connects and never finishes a
+    request head, holds memory or a file descriptor for as long as it likes. Here a head
+    larger than ``config.h11_max_incomplete_event_size`` (uvicorn's head cap for its h11
+    parser, with the same meaning) gets 431 before more of it is read, and a connection
+    without a complete head ``config.timeout_keep_alive`` seconds after it opened or after
+    its last response is closed.
+    """
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_seen: int | None = 0  # bytes of the head being read; None: in a request
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        cap = self.config.h11_max_incomplete_event_size or 0
+        # A head is fed at most one byte past the cap: one that has not ended by then is
+        # refused before httptools buffers more of it.
+        while data and self._head_seen is not None:
+            room = cap + 1 - self._head_seen
+            chunk, data = data[:room], data[room:]
+            self._head_seen += len(chunk)
+            super().data_received(chunk)
+            if self.transport.is_closing():
+                return
+            if self._head_seen is not None and self._head_seen > cap:
+                self._refuse_head(cap)
+                return
+        if data:
+            super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self._head_seen = None
+        self._stop_head_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._head_seen = 0  # what follows is the next request's head
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # Not when a pipelined request, whose head is complete, has just been started.
+        if not self.transport.is_closing() and self.cycle.response_complete:
+            self._await_head()
+
+    def _await_head(self) -> None:
+        self._stop_head_timer()
+        self._head_timer = self.loop.call_later(self.timeout_keep_alive,
+                                                self.timeout_keep_alive_handler)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _refuse_head(self, cap: int) -> None:
+        log.warning("refused a request head over limits.max_header_bytes", limit=cap)
+        if self.cycle is None or self.cycle.response_complete:  # never inside a response
+            body = json.dumps(protocol.error_body(
+                f"request head larger than {cap} bytes (limits.max_header_bytes)",
+                code="headers_too_large")).encode()
+            self.transport.write(
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                b"content-type: application/json\r\nconnection: close\r\n"
+                b"content-length: %d\r\n\r\n%b" % (len(body), body))
+        self.transport.close()
+
+
 class BodyLimit:
-    """413 for a body larger than the limit, whether declared or streamed."""
+    """413 for a body larger than the limit, declared or chunked.
+
+    The body is read here, bounded by the limit, before the app sees it: FastAPI turns an
+    error raised while it reads a body into a 400.
+    """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -120,21 +202,27 @@ class BodyLimit:
             if name == b"content-length" and value.isdigit() and int(value) > self.limit:
                 await self._too_large(send)
                 return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        body = bytearray()
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge
-            return message
+            if message["type"] != "http.request":  # the client went away
+                break
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                await self._too_large(send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._too_large(send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # then http.disconnect, which handlers wait on
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
 
     async def _too_large(self, send: Send) -> None:
         body = json.dumps(protocol.error_body(
@@ -142,10 +230,6 @@ class BodyLimit:
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 # ------------------------------------------------------------------ app
@@ -429,7 +513,11 @@ class HttpTransport:
         app = BodyLimit(create_app(self.daemon), settings.limits.max_body_bytes)
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
-                                server_header=False)
+                                server_header=False, http=GuardedHttpProtocol,
+                                h11_max_incomplete_event_size=settings.limits.max_header_bytes,
+                                timeout_keep_alive=settings.socket.idle_timeout_s,
+                                # uvicorn counts the connection asking: N + 1 serves N.
+                                limit_concurrency=settings.limits.max_connections + 1)
         self._server = _Server(config)
         self._task = asyncio.ensure_future(self._server.serve(sockets=sockets))
         log.info("listening", socket=str(settings.socket.path),
