@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import json
 import queue
 import random
@@ -78,8 +79,11 @@ def topics(settings: Settings) -> dict[str, str]:
 
 
 def make_client(settings: Settings, client_id: str | None = None,
-                manual_ack: bool = False) -> mqtt.Client:
-    """A paho client configured from the settings: protocol, credentials, TLS."""
+                manual_ack: bool = False, persistent: bool = True,
+                reconnect: bool = False) -> mqtt.Client:
+    """A paho client configured from the settings: protocol, credentials, TLS.
+    ``persistent=False`` asks MQTT 3.1.1 for a clean session (MQTT 5 asks at connect);
+    ``reconnect`` lets paho's loop reconnect on its own."""
     m = settings.mqtt
     url = urlparse(m.url or "")
     v5 = m.protocol == "5"
@@ -87,8 +91,8 @@ def make_client(settings: Settings, client_id: str | None = None,
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id or m.client_id or settings.device_id,
         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-        clean_session=None if v5 else False,
-        reconnect_on_failure=False,
+        clean_session=None if v5 else not persistent,
+        reconnect_on_failure=reconnect,
         manual_ack=manual_ack,
     )
     password = read_secret("mqtt_password", m.password_file)
@@ -150,6 +154,12 @@ class MqttTransport:
         self._reply_thread: threading.Thread | None = None
         self.on_connected: list[Any] = []  # callbacks(client) run after each (re)connect
         self._fleet: Fleet | None = None
+        # The fleet's shared subscription rides on its own clean-session connection: a
+        # persistent session would keep collecting this member's share while it is dead.
+        self._share: mqtt.Client | None = None
+        self._share_generation = 0
+        # Generations number the connections of both clients, so one names one connection.
+        self._generations = itertools.count(1)
 
     # ------------------------------------------------------------ lifecycle
     def state(self) -> str:
@@ -206,6 +216,10 @@ class MqttTransport:
         # Requests that arrive from now on are not acknowledged: the broker keeps them
         # for the next start (persistent session).
         self._accepting = False
+        if self._share is not None:
+            # No more fleet work for this member. What the shared subscription delivered
+            # and is not answered goes with its clean session: requesters re-publish it.
+            self._share.unsubscribe(self.topics["fleet"])
 
     async def close(self) -> None:
         if self.client is None:
@@ -214,6 +228,9 @@ class MqttTransport:
         self.replies.put(None)  # after the replies the drain left for it
         if self._reply_thread is not None:
             await asyncio.to_thread(self._reply_thread.join, 10)
+        if self._share is not None:
+            self._share.disconnect()
+            await asyncio.to_thread(self._share.loop_stop)
         if client.is_connected():
             info = client.publish(self.topics["status"], self._status("stopped"), qos=1,
                                   retain=True)
@@ -275,7 +292,7 @@ class MqttTransport:
             return
         self._attempt = 0  # a good connection restarts the backoff
         with self._lock:
-            self._generation += 1
+            self._generation = next(self._generations)
         if self.stats["connects"]:
             self.stats["reconnects"] += 1
         self.stats["connects"] += 1
@@ -283,10 +300,10 @@ class MqttTransport:
         log.info("mqtt connected", broker=f"{self.host}:{self.port}",
                  session_present=bool(getattr(flags, "session_present", False)))
         client.publish(self.topics["status"], self._status("online"), qos=1, retain=True)
-        subs = [(self.topics["request"], 1), (self.topics["cancel"], 1)]
+        client.subscribe([(self.topics["request"], 1), (self.topics["cancel"], 1)])
         if "fleet" in self.topics:
-            subs.append((self.topics["fleet"], 1))
-        client.subscribe(subs)
+            # A session from an older version may still hold the shared subscription.
+            client.unsubscribe(self.topics["fleet"])
         for callback in self.on_connected:
             callback(client)
 
@@ -298,7 +315,7 @@ class MqttTransport:
 
     # ------------------------------------------------------------ messages
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        gen = self._generation
+        gen = self._share_generation if client is self._share else self._generation
         try:
             if msg.topic == self.topics["cancel"]:
                 self._ack(msg.mid, msg.qos, gen)
@@ -319,6 +336,8 @@ class MqttTransport:
         """Acknowledge a delivery, only on the connection it came on."""
         if qos > 0 and self.client is not None and generation == self._generation:
             self.client.ack(mid, qos)
+        elif qos > 0 and self._share is not None and generation == self._share_generation:
+            self._share.ack(mid, qos)
 
     def _route(self, msg: mqtt.MQTTMessage, doc: dict[str, Any] | None) -> Route | None:
         props = msg.properties
@@ -389,6 +408,35 @@ class MqttTransport:
             held, self._held = self._held, []
         for msg, gen in held:
             self._handle_request(msg, gen)
+        self._start_share()
+
+    def _start_share(self) -> None:
+        """Join the fleet's shared subscription on a connection of its own, with a session
+        that ends with it (so a dead member collects no share), once the model is loaded
+        (so a loading member holds none back). paho reconnects it on its own."""
+        if "fleet" not in self.topics or self.client is None:
+            return
+        m = self.settings.mqtt
+        share = make_client(self.settings, f"{m.client_id or self.settings.device_id}-share",
+                            manual_ack=True, persistent=False, reconnect=True)
+        share.on_connect = self._on_share_connect
+        share.on_message = self._on_message
+        share.reconnect_delay_set(1, int(BACKOFF_MAX_S))
+        share.connect_async(self.host, self.port, m.keepalive_s,
+                            clean_start=True if m.protocol == "5"
+                            else mqtt.MQTT_CLEAN_START_FIRST_ONLY)
+        self._share = share
+        share.loop_start()
+
+    def _on_share_connect(self, client: mqtt.Client, userdata: Any, flags: Any,
+                          reason: ReasonCode, properties: Properties | None) -> None:
+        if reason.is_failure:
+            log.error("mqtt broker refused the fleet connection", reason=str(reason))
+            return
+        with self._lock:
+            self._share_generation = next(self._generations)
+        if self._accepting:
+            client.subscribe(self.topics["fleet"], qos=1)
 
     def _handle_request(self, msg: mqtt.MQTTMessage, gen: int) -> None:
         if not self._accepting:

@@ -1,0 +1,125 @@
+"""Fleet work sharing (`$share`) when a member dies: no request is stranded on it.
+
+Measured with Mosquitto 2.0: a member whose shared subscription lives in a persistent session
+keeps receiving its round-robin share while it is dead (the broker queues it for its return);
+a member whose session ends with its connection gets no more, but what was already delivered
+to it and not acknowledged is dropped, not redistributed. So the daemon holds the shared
+subscription on its own clean-session connection, and a requester re-publishes its unanswered
+requests (same id, same payload) when a member goes offline (docs/fleet.md).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.broker import Broker, Requester, requester
+
+pytestmark = [pytest.mark.model, pytest.mark.broker]
+
+GROUP = "line-1"
+FLEET_TOPIC = f"edgeagent/fleet/{GROUP}/request"
+BODY = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4}
+DEADLINE_S = 120.0  # generous: two daemons share two busy cores
+
+
+def member_toml(b: Broker) -> str:
+    """A fleet member with a persistent session for its own topics, as deployed."""
+    return f'[mqtt]\nurl = "{b.url}"\nsession_expiry_s = 600\n[fleet]\ngroup = "{GROUP}"\n'
+
+
+class FleetRequester:
+    """Sends fleet requests with a deadline; keeps the first reply per id and the members'
+    status; re-publishes a request exactly as first sent (the documented retry)."""
+
+    def __init__(self, r: Requester) -> None:
+        self.r = r
+        self.payloads: dict[str, bytes] = {}
+        self.deadlines: dict[str, float] = {}
+        self.replies: dict[str, tuple[dict[str, Any], float]] = {}  # id -> (reply, arrived)
+        self.status: dict[str, str] = {}
+
+    def send(self, rid: str) -> None:
+        if rid not in self.payloads:
+            self.deadlines[rid] = time.time() + DEADLINE_S
+            self.payloads[rid] = json.dumps(
+                {**BODY, "id": rid, "deadline": self.deadlines[rid]}).encode()
+        self.r.publish(FLEET_TOPIC, self.payloads[rid], correlation=rid.encode())
+
+    def unanswered(self, ids: list[str]) -> list[str]:
+        return [rid for rid in ids if rid not in self.replies]
+
+    def wait_reply(self, rid: str) -> dict[str, Any]:
+        self.wait_until(lambda: rid in self.replies, f"{rid} answered")
+        return self.replies[rid][0]
+
+    def wait_until(self, done: Callable[[], bool], what: str, timeout: float = DEADLINE_S
+                   ) -> None:
+        """Take messages until ``done()``; fail after ``timeout`` seconds."""
+        until = time.monotonic() + timeout
+        while not done():
+            left = until - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"not {what} within {timeout}s; replies: "
+                                     f"{sorted(self.replies)}; status: {self.status}")
+            try:
+                topic, doc, _ = self.r.get(left)
+            except queue.Empty:  # checked again at the top
+                continue
+            self._take(topic, doc)
+
+    def _take(self, topic: str, doc: dict[str, Any]) -> None:
+        if topic.endswith("/status"):
+            self.status[topic.split("/")[1]] = doc.get("state", "?")
+        elif topic == self.r.reply_topic:
+            self.replies.setdefault(doc.get("request_id", "?"), (doc, time.time()))
+
+
+def test_a_killed_member_strands_no_fleet_request(start_daemon: Any, broker: Broker) -> None:
+    """Two members; 20 requests; SIGKILL one once it has answered some; 20 more. Every
+    request is answered within its deadline, and all of those after the kill by the
+    survivor. Before the fix the dead member's persistent session kept its half of them."""
+    with requester(broker) as r:
+        r.subscribe("edgeagent/+/status")
+        fleet = FleetRequester(r)
+        a = start_daemon(extra_toml=member_toml(broker), name="a")
+        start_daemon(extra_toml=member_toml(broker), name="b").wait_ready()
+        a.wait_ready()
+        fleet.wait_until(lambda: fleet.status.get("test-a") == fleet.status.get("test-b")
+                         == "online", "both online")
+
+        # Both members hold the shared subscription once each has answered one.
+        for i in range(20):
+            fleet.send(f"warm-{i}")
+            fleet.wait_reply(f"warm-{i}")
+            if {d["served_by"] for d, _ in fleet.replies.values()} == {"test-a", "test-b"}:
+                break
+        else:
+            pytest.fail(f"one member took every request: {fleet.replies}")
+
+        before = [f"r{i}" for i in range(20)]
+        for rid in before:
+            fleet.send(rid)
+        fleet.wait_until(lambda: any(fleet.replies[rid][0]["served_by"] == "test-a"
+                                     for rid in before if rid in fleet.replies),
+                         "a reply from test-a")
+        a.proc.kill()
+        a.proc.wait(timeout=30)
+        fleet.wait_until(lambda: fleet.status.get("test-a") == "offline", "test-a offline")
+        for rid in fleet.unanswered(before):  # delivered to test-a and lost with it
+            fleet.send(rid)
+        after = [f"r{i}" for i in range(20, 40)]
+        for rid in after:
+            fleet.send(rid)
+        fleet.wait_until(lambda: not fleet.unanswered(before + after), "all answered")
+
+    for rid in before + after:
+        reply, arrived = fleet.replies[rid]
+        assert "error" not in reply, reply
+        assert arrived <= fleet.deadlines[rid], rid
+    assert {fleet.replies[rid][0]["served_by"] for rid in after} == {"test-b"}
