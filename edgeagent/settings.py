@@ -51,16 +51,20 @@ def _default_state_dir() -> Path:
     return Path(data_home) / "edgeagent"
 
 
+#: The socket of a system install: systemd/edgeagent.socket listens there.
+SYSTEM_SOCKET = Path("/run/edgeagent/api.sock")
+
+
 def default_socket_path() -> Path:
-    """``$RUNTIME_DIRECTORY`` under systemd, ``$XDG_RUNTIME_DIR`` for a user."""
-    runtime = os.environ.get("RUNTIME_DIRECTORY")
-    if runtime:
-        return Path(runtime.split(":")[0]) / "api.sock"
+    """The system install's socket when it exists (so the service, `doctor` and `ask` agree
+    on it), else ``$XDG_RUNTIME_DIR`` for a user."""
+    if SYSTEM_SOCKET.exists():
+        return SYSTEM_SOCKET
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
         return Path(xdg) / "edgeagent" / "api.sock"
     if os.geteuid() == 0:
-        return Path("/run/edgeagent/api.sock")
+        return SYSTEM_SOCKET
     return Path(f"/tmp/edgeagent-{os.geteuid()}/api.sock")
 
 
@@ -127,8 +131,10 @@ class RuntimeSettings(Section):
 class SocketSettings(Section):
     path: Path = Field(
         default_factory=default_socket_path,
-        description="Unix socket of the HTTP API. Default: $RUNTIME_DIRECTORY/api.sock under "
-        "systemd, $XDG_RUNTIME_DIR/edgeagent/api.sock for a user.",
+        description="Unix socket of the HTTP API. Default: /run/edgeagent/api.sock when it "
+        "exists (edgeagent.socket) or for root, else $XDG_RUNTIME_DIR/edgeagent/api.sock, "
+        "else /tmp/edgeagent-<uid>/api.sock. Under socket activation the daemon serves the "
+        "socket it is handed.",
     )
     mode: int = Field(default=0o660, ge=0, le=0o777, description="File mode of the socket.")
     group: str | None = Field(

@@ -120,7 +120,12 @@ if [ -n "$model" ]; then
 fi
 [ "$live" = yes ] && chown -R edgeagent:edgeagent "$state"
 
-# 6. Start.
+# 6. Start. An older service's RuntimeDirectory= left /run/edgeagent owned by edgeagent (mode
+# 0750, the clients locked out) until reboot: stop the units and let the socket unit make it.
+if [ "$live" = yes ] && [ -d /run/edgeagent ] && [ "$(stat -c %U /run/edgeagent)" != root ]; then
+  systemctl_ stop edgeagent.service edgeagent.socket
+  rm -rf /run/edgeagent
+fi
 systemctl_ daemon-reload
 systemctl_ enable --now edgeagent.socket edgeagent.service
 say "done: socket /run/edgeagent/api.sock (group edgeagent-clients); logs: journalctl -u edgeagent"

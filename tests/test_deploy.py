@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from edgeagent import settings as settings_module
+from edgeagent.settings import LimitsSettings, Settings
 from tests.broker import free_port, password_broker
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,12 +48,85 @@ def test_unit_essentials() -> None:
     text = UNIT.read_text()
     for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure",
                  "RestartPreventExitStatus=3", "TimeoutStopSec=45", "StateDirectory=edgeagent",
-                 "RuntimeDirectory=edgeagent", "ConfigurationDirectory=edgeagent",
+                 "ConfigurationDirectory=edgeagent",
                  "LoadCredential=mqtt_password:", "CapabilityBoundingSet=\n",
                  "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
                  "SystemCallFilter=@system-service", "ProtectSystem=strict"):
         assert line in text, line
     assert "ProcSubset=pid" not in text.replace("# ", "").split("Not used")[0]
+
+
+def _unit(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """A unit file as systemd reads it: sections of (key, value), keys may repeat."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), [])
+        else:
+            key, _, value = line.partition("=")
+            current.append((key.strip(), value.strip()))
+    return sections
+
+
+def _values(section: list[tuple[str, str]], key: str) -> list[str]:
+    return [value for k, value in section if k == key]
+
+
+#: Where each kind of directory a service may ask systemd for lives (systemd.exec(5)).
+_MANAGED_DIRECTORIES = {"RuntimeDirectory": "/run", "StateDirectory": "/var/lib",
+                        "CacheDirectory": "/var/cache", "LogsDirectory": "/var/log",
+                        "ConfigurationDirectory": "/etc"}
+
+
+def test_socket_modes_survive_the_service() -> None:
+    """The socket unit creates the socket's directory and the socket; nothing in the service
+    re-owns them (RuntimeDirectory= chowns its whole tree to the service's user, systemd
+    issue 8635), so members of edgeagent-clients reach the socket."""
+    sock = _unit(SOCKET_UNIT)["Socket"]
+    listen = Path(_values(sock, "ListenStream")[0])
+    assert _values(sock, "SocketUser") == ["edgeagent"]
+    assert _values(sock, "SocketGroup") == ["edgeagent-clients"]
+    assert _values(sock, "SocketMode") == ["0660"]
+    # systemd creates the missing directory as root with DirectoryMode=; the clients'
+    # group is not its group, so "other" must be able to traverse it, and only root writes.
+    directory_mode = int(_values(sock, "DirectoryMode")[0], 8)
+    assert directory_mode & 0o001, "the clients cannot traverse the socket's directory"
+    assert not directory_mode & 0o022, "someone but root could replace the socket"
+
+    service = _unit(UNIT)["Service"]
+    for key, base in _MANAGED_DIRECTORIES.items():
+        for value in _values(service, key):
+            for name in value.split():
+                managed = Path(base) / name.split(":")[0]
+                assert not listen.is_relative_to(managed), f"{key}={value} re-owns {listen}"
+    for key, value in service:
+        assert "chown" not in value and str(listen.parent) not in value, f"{key}={value}"
+    # the daemon's default socket path is the one the socket unit listens on
+    assert listen == settings_module.SYSTEM_SOCKET
+
+
+def test_default_socket_is_the_system_one_when_it_exists(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the service (no $XDG_RUNTIME_DIR, no RuntimeDirectory=), and for `edgeagent ask`
+    or `doctor` run by any user, the default socket is the socket unit's."""
+    system = tmp_path / "system" / "api.sock"
+    monkeypatch.setattr(settings_module, "SYSTEM_SOCKET", system)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    assert Settings().socket.path == tmp_path / "xdg" / "edgeagent" / "api.sock"
+    system.parent.mkdir()
+    system.touch()
+    assert Settings().socket.path == system
+
+
+def test_fd_budget() -> None:
+    """Connections over limits.max_connections still take a descriptor until they are
+    answered 503 or time out: the unit leaves room for many more than the limit."""
+    limit_nofile = int(_values(_unit(UNIT)["Service"], "LimitNOFILE")[0])
+    assert LimitsSettings().max_connections * 16 <= limit_nofile
 
 
 def _install(*args: str) -> subprocess.CompletedProcess[str]:

@@ -520,9 +520,8 @@ class HttpTransport:
                                 limit_concurrency=settings.limits.max_connections + 1)
         self._server = _Server(config)
         self._task = asyncio.ensure_future(self._server.serve(sockets=sockets))
-        log.info("listening", socket=str(settings.socket.path),
-                 tcp=settings.socket.tcp_port and f"{settings.socket.tcp_host}:"
-                 f"{settings.socket.tcp_port}")
+        # the addresses themselves: a socket handed over by systemd may not be socket.path
+        log.info("listening", on=[str(s.getsockname()) for s in sockets])
 
     async def stop_accepting(self) -> None:
         if self._server is not None:
