@@ -1,13 +1,15 @@
 """Fleet configuration pushes: desired -> validated -> persisted -> applied -> reported.
 
-A push is ``{"version": N, "settings": {...}, "signature": "..."}`` on
-``{prefix}/{device}/config/desired`` or ``{prefix}/group/{group}/config/desired``
-(retained). ``settings`` is a JSON merge patch over the TOML configuration; the device
-layer wins over the group layer. A push is validated in memory with the same settings
-models, checked against an allow-list (and an Ed25519 signature when
-``fleet.trusted_keys`` is set), persisted atomically as the overlay in ``state_dir``, then
-applied; a model that fails to load rolls back to the last good overlay. The outcome is
-reported, retained, on ``{prefix}/{device}/config/reported``.
+A push is ``{"version": N, "target": {"device": id} | {"group": name}, "settings": {...},
+"signature": "..."}`` on ``{prefix}/{device}/config/desired`` or
+``{prefix}/group/{group}/config/desired`` (retained). ``settings`` is a JSON merge patch over
+the TOML configuration; the device layer wins over the group layer. A push is validated in
+memory with the same settings models, checked against an allow-list, against the topic it
+came on (its ``target``) and, when ``fleet.trusted_keys`` is set, an Ed25519 signature over
+everything but the signature; a push that changes the plan is planned before anything
+changes. It is then persisted atomically as the overlay in ``state_dir`` and applied; a
+model that fails to load rolls back to the last good overlay. The outcome is reported,
+retained, on ``{prefix}/{device}/config/reported``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edgeagent.manifest import fsync_dir, write_json_atomic
+from edgeagent.planner import PlanError
 from edgeagent.settings import ConfigError, Settings, load_settings, merge_patch
 
 if TYPE_CHECKING:
@@ -45,6 +48,8 @@ ALLOWED = (
     "runtime.memory_headroom_mb",
 )
 LAYERS = ("group", "device")
+#: Where a push arrived, as its ``target`` names it: ("device", device id) or ("group", name).
+Target = tuple[str, str]
 #: Deepest nesting a push may have: the deepest setting is profiles.<name>.<field>, three
 #: levels under ``settings``. A deeper push is refused before anything walks it recursively.
 MAX_DEPTH = 8
@@ -104,25 +109,28 @@ def _echo(version: Any) -> int | str | None:
     return None
 
 
-def parse_push(payload: bytes, trusted: list[Path]) -> tuple[int, dict[str, Any]]:
-    """(version, settings patch) of a push payload as it came off the wire; else PushError."""
+def parse_push(payload: bytes, trusted: list[Path],
+               arrived: Target) -> tuple[int, dict[str, Any]]:
+    """(version, settings patch) of a push payload as it came off the wire on ``arrived``'s
+    topic; else PushError."""
     try:
         doc = json.loads(payload.decode("utf-8"))
     except RecursionError:
         raise PushError([f"(push): nested deeper than {MAX_DEPTH} levels"]) from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise PushError([f"(push): not JSON: {exc}"]) from None
-    return check_push(doc, trusted)
+    return check_push(doc, trusted, arrived)
 
 
-def check_push(doc: Any, trusted: list[Path]) -> tuple[int, dict[str, Any]]:
-    """(version, settings patch) of a well-formed, allowed, (signed) push; else PushError."""
+def check_push(doc: Any, trusted: list[Path], arrived: Target) -> tuple[int, dict[str, Any]]:
+    """(version, settings patch) of a well-formed, allowed, (signed) push meant for the topic
+    it ``arrived`` on; else PushError."""
     if not isinstance(doc, dict):
         raise PushError(["(push): must be a JSON object"])
     if _deeper_than(doc, MAX_DEPTH):
         raise PushError([f"(push): nested deeper than {MAX_DEPTH} levels"],
                         _echo(doc.get("version")))
-    unknown = set(doc) - {"version", "settings", "signature"}
+    unknown = set(doc) - {"version", "target", "settings", "signature"}
     errors = [f"{k}: unknown field" for k in sorted(unknown)]
     version = doc.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 0:
@@ -134,12 +142,30 @@ def check_push(doc: Any, trusted: list[Path]) -> tuple[int, dict[str, Any]]:
     for path in _leaves(patch):
         if not any(path == a or (a.endswith(".") and path.startswith(a)) for a in ALLOWED):
             errors.append(f"settings.{path}: not settable by the fleet")
+    errors.extend(_target_errors(doc, arrived, required=bool(trusted)))
     if trusted:
         errors.extend(_signature_errors(doc, trusted))
     if errors:
         raise PushError(errors, _echo(version))
     assert isinstance(version, int)
     return version, patch
+
+
+def _target_errors(doc: dict[str, Any], arrived: Target, required: bool) -> list[str]:
+    """Why ``doc`` is not meant for the topic it arrived on. The target is inside what the
+    signature covers, so a push signed for one device (or for a group) cannot be replayed on
+    another device's topic (or as a device layer)."""
+    if "target" not in doc:  # unsigned pushes may omit it; a signed one must say
+        return ["target: required (fleet.trusted_keys is set)"] if required else []
+    target = doc["target"]
+    if not (isinstance(target, dict) and len(target) == 1
+            and all(k in LAYERS and isinstance(v, str) for k, v in target.items())):
+        return ['target: must be {"device": "<device id>"} or {"group": "<group>"}']
+    ((layer, name),) = target.items()
+    if (layer, name) != arrived:
+        return [f"target: this push is for {layer} {name!r}, but it arrived on the "
+                f"{arrived[0]} topic of {arrived[1]!r}"]
+    return []
 
 
 def _signature_errors(doc: dict[str, Any], trusted: list[Path]) -> list[str]:
@@ -235,8 +261,9 @@ class Fleet:
         if not payload:  # a retained push cleared by the operator: nothing to apply
             log.info("fleet push cleared; the applied configuration stays", layer=layer)
             return None
+        arrived = (layer, settings.device_id if layer == "device" else settings.fleet.group or "")
         try:
-            version, patch = parse_push(payload, settings.fleet.trusted_keys)
+            version, patch = parse_push(payload, settings.fleet.trusted_keys, arrived)
         except PushError as exc:
             daemon.last_apply = "rejected"
             return {"version": exc.version, "status": "rejected", "errors": exc.errors}
@@ -264,6 +291,10 @@ class Fleet:
         if model_error:
             daemon.last_apply = "rejected"
             return {"version": version, "status": "rejected", "errors": [model_error]}
+        plan_error = await asyncio.to_thread(_plan_error, settings, new)
+        if plan_error:
+            daemon.last_apply = "rejected"
+            return {"version": version, "status": "rejected", "errors": [plan_error]}
         new_doc = {"version": max(int(v["version"]) for v in layers.values()),
                    "settings": effective, "layers": layers}
         path, pending = settings.overlay_path, self._pending_path()
@@ -296,6 +327,23 @@ class Fleet:
 def _promote(pending: Path, path: Path) -> None:
     os.replace(pending, path)
     fsync_dir(path.parent)
+
+
+def _plan_error(old: Settings, new: Settings) -> str | None:
+    """Why ``new`` cannot be planned here (runtime.threads above the CPUs, a context that
+    does not fit, a folder that is no model), checked before the push is persisted or
+    applied, so that it is rejected and never kept. Only when the push changes the plan:
+    the memory probed now is what the running model leaves, which a reload would see too."""
+    # imported here: the daemon loads onnxruntime-genai, which `config push` does not need
+    from edgeagent.daemon import needs_reload, plan_for
+
+    if not needs_reload(old, new):
+        return None
+    try:
+        plan_for(new)
+    except PlanError as exc:
+        return f"(plan): {exc}"
+    return None
 
 
 def _model_outside(new: Settings) -> str | None:
@@ -335,6 +383,10 @@ def push_main(url: str, target: str, is_group: bool, file: Path, sign_key: Path 
     from edgeagent.transports.mqtt import broker_address
 
     doc = json.loads(file.read_text(encoding="utf-8"))
+    wanted = {"group" if is_group else "device": target}
+    if doc.setdefault("target", wanted) != wanted:
+        print(f"error: {file} is for {doc['target']}, not {wanted}", flush=True)
+        return 2
     if sign_key is not None:
         key = serialization.load_pem_private_key(sign_key.read_bytes(), password=None)
         if not isinstance(key, Ed25519PrivateKey):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -125,7 +126,7 @@ def test_signatures(start_daemon: Any, broker: Broker, tmp_path: Path) -> None:
     try:
         unsigned = _push(r, DEVICE, json.loads(push.read_text()))
         assert unsigned["status"] == "rejected"
-        assert "signature: required" in unsigned["errors"][0]
+        assert any(e.startswith("signature: required") for e in unsigned["errors"]), unsigned
         forged = subprocess.run(
             [sys.executable, "-m", "edgeagent", "config", "push", "--mqtt", broker.url,
              "--device", "test-d", str(push), "--sign", f"{other}.key", "--timeout", "60"],
@@ -141,6 +142,107 @@ def test_signatures(start_daemon: Any, broker: Broker, tmp_path: Path) -> None:
         assert _effective(d)["limits"]["max_queue"] == 11
     finally:
         r.close()
+
+
+def _keygen(path: Path) -> Path:
+    subprocess.run([sys.executable, "-m", "edgeagent", "keygen", str(path)], check=True,
+                   capture_output=True, cwd=REPO)
+    return path
+
+
+def _cli_push(broker: Broker, where: list[str], file: Path, key: Path,
+              timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``edgeagent config push``, the operator's tool, signing with ``key``."""
+    return subprocess.run(
+        [sys.executable, "-m", "edgeagent", "config", "push", "--mqtt", broker.url, *where,
+         str(file), "--sign", f"{key}.key", "--timeout", str(timeout)],
+        capture_output=True, text=True, cwd=REPO, timeout=timeout + 60)
+
+
+def _next(r: Requester, topic: str) -> dict[str, Any]:
+    """The next message on ``topic``."""
+    while True:
+        t, doc, _ = r.get(120)
+        if t == topic:
+            return doc
+
+
+def test_a_signed_push_is_bound_to_its_target(
+    start_daemon: Any, broker: Broker, tmp_path: Path
+) -> None:
+    keys = _keygen(tmp_path / "fleet")
+    d = _daemon(start_daemon, broker, f'trusted_keys = ["{keys}.pub"]\n')
+    other_device = "edgeagent/gw-b/config/desired"
+    r = _reporter(broker)
+    r.subscribe(other_device)
+    r.subscribe(GROUP)
+    try:
+        # A push signed for device gw-b, taken off the wire and replayed on test-d's topic.
+        push = tmp_path / "push.json"
+        push.write_text(json.dumps({"version": 1, "settings": {"limits": {"max_queue": 11}}}))
+        assert _cli_push(broker, ["--device", "gw-b"], push, keys, timeout=1).returncode == 1
+        for_b = _next(r, other_device)
+        assert for_b["target"] == {"device": "gw-b"}
+        report = _push(r, DEVICE, for_b)
+        assert report["status"] == "rejected", report
+        assert any(e.startswith("target: ") and "gw-b" in e for e in report["errors"]), report
+
+        # A group push is applied as the group layer, and refused replayed on the device topic.
+        push.write_text(json.dumps({"version": 2, "settings": {"limits": {"max_queue": 12}}}))
+        assert _cli_push(broker, ["--group", "line-1"], push, keys).returncode == 0
+        group = _next(r, GROUP)
+        applied = _next(r, REPORTED)
+        assert (applied["layer"], applied["status"], applied["version"]) == (
+            "group", "applied", 2), applied
+        report = _push(r, DEVICE, group)
+        assert report["status"] == "rejected", report
+        assert any(e.startswith("target: ") and "group" in e for e in report["errors"]), report
+
+        # The device's own signed push is applied; a signed push without a target is not.
+        report = _push(r, DEVICE, {"version": 3, "settings": {}})
+        assert report["status"] == "rejected"
+        assert any(e.startswith("target: required") for e in report["errors"]), report
+        push.write_text(json.dumps({"version": 4, "settings": {"limits": {"max_queue": 13}}}))
+        assert _cli_push(broker, ["--device", "test-d"], push, keys).returncode == 0
+        assert _effective(d)["limits"]["max_queue"] == 13
+    finally:
+        r.close()
+
+
+def test_an_unsigned_push_with_a_target_must_match_it(start_daemon: Any, broker: Broker) -> None:
+    d = _daemon(start_daemon, broker)
+    r = _reporter(broker)
+    try:
+        report = _push(r, DEVICE, {"version": 1, "target": {"device": "gw-b"},
+                                   "settings": {"limits": {"max_queue": 11}}})
+        assert report["status"] == "rejected", report
+        report = _push(r, GROUP, {"version": 1, "target": {"group": "line-1"},
+                                  "settings": {"limits": {"max_queue": 12}}})
+        assert report["status"] == "applied", report
+        assert _effective(d)["limits"]["max_queue"] == 12
+    finally:
+        r.close()
+
+
+def test_a_push_the_plan_refuses_is_rejected_and_never_kept(
+    start_daemon: Any, broker: Broker
+) -> None:
+    d = _daemon(start_daemon, broker)
+    state = Path(_effective(d)["state_dir"])
+    r = _reporter(broker)
+    try:
+        report = _push(r, DEVICE, {"version": 1, "settings": {"runtime": {"threads": 10000}}})
+    finally:
+        r.close()
+    assert report["status"] == "rejected", report
+    assert any("runtime.threads=10000 is more than the" in e for e in report["errors"]), report
+    assert not (state / "fleet-overlay.json").exists(), "the overlay never kept it"
+    assert not (state / "fleet-overlay.pending.json").exists()
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(d.socket_path)),
+                      base_url="http://localhost", timeout=60) as c:
+        assert c.get("/health").json()["plan"]["threads"] <= len(os.sched_getaffinity(0))
+        assert c.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).status_code == 200
 
 
 def test_broken_model_rolls_back_while_serving(
@@ -206,14 +308,23 @@ def test_kill_9_during_pushes_never_corrupts_the_overlay(
 
 
 def test_check_push_unit() -> None:
+    here = ("device", "gw")
     with pytest.raises(PushError) as err:
-        check_push({"version": -1, "settings": {"state_dir": "/x"}, "colour": 1}, [])
+        check_push({"version": -1, "settings": {"state_dir": "/x"}, "colour": 1}, [], here)
     assert err.value.errors == ["colour: unknown field", "version: must be a non-negative "
                                 "integer", "settings.state_dir: not settable by the fleet"]
-    assert check_push({"version": 3, "settings": {"telemetry": {"interval_s": 5}}}, []) == (
-        3, {"telemetry": {"interval_s": 5}})
+    assert check_push({"version": 3, "settings": {"telemetry": {"interval_s": 5}}}, [],
+                      here) == (3, {"telemetry": {"interval_s": 5}})
     with pytest.raises(PushError) as err:
         check_push({"version": 4, "settings": {"log": {"levelx": "debug"},
-                                               "telemetry": {"spool_dir": "/etc"}}}, [])
+                                               "telemetry": {"spool_dir": "/etc"}}}, [], here)
     assert err.value.errors == ["settings.log.levelx: not settable by the fleet",
                                 "settings.telemetry.spool_dir: not settable by the fleet"]
+
+
+@pytest.mark.parametrize("target", [None, [], {}, {"device": 1}, {"device": "gw", "group": "g"},
+                                    {"fleet": "gw"}, {"device": "gw-b"}, {"group": "gw"}])
+def test_check_push_target_unit(target: Any) -> None:
+    with pytest.raises(PushError) as err:
+        check_push({"version": 1, "target": target, "settings": {}}, [], ("device", "gw"))
+    assert len(err.value.errors) == 1 and err.value.errors[0].startswith("target: ")

@@ -202,6 +202,8 @@ versions = st.one_of(st.just("fresh"), st.integers(-3, 10), st.integers(min_valu
 signatures = st.one_of(st.just("valid"), st.just("forged"), st.just(None),
                        st.text(max_size=90), st.binary(max_size=64).map(
                            lambda b: base64.b64encode(b).decode()))
+# a push for this device, another one, or a group; or not a target at all
+targets = st.sampled_from([{"device": "gw"}, {"device": "gw-b"}, {"group": "gw"}]) | json_values
 plausible_values = st.sampled_from([1, 2, 4, 64, 0.2, 30.0, 512, "auto", "info", "debug"])
 
 
@@ -211,7 +213,7 @@ def push_docs(draw: st.DrawFn) -> dict[str, Any]:
     if draw(st.integers(0, 9)) == 0:
         return draw(st.fixed_dictionaries({}, optional={
             "version": versions, "settings": setting_patches() | json_values,
-            "signature": signatures, "colour": json_values}))
+            "target": targets, "signature": signatures, "colour": json_values}))
     values = plausible_values if draw(st.booleans()) else hostile_values
     return {"version": "fresh" if draw(st.integers(0, 3)) else draw(versions),
             "settings": draw(setting_patches(values)),
@@ -253,9 +255,10 @@ def _signer(dir_: Path) -> Signer:
     return Signer(key, Ed25519PrivateKey.generate(), pub)
 
 
-def _render(doc: dict[str, Any], signer: Signer, fresh: int) -> bytes:
-    """The push as an operator's tool would send it: version and signature filled in."""
+def _render(doc: dict[str, Any], signer: Signer, fresh: int, target: dict[str, str]) -> bytes:
+    """The push as an operator's tool would send it: version, target and signature filled in."""
     doc = dict(doc)
+    doc.setdefault("target", target)
     if doc.get("version") == "fresh":
         doc["version"] = fresh
     if doc.get("signature") in ("valid", "forged"):
@@ -291,12 +294,12 @@ def test_fleet_pushes_against_the_validation(tmp_path: Path) -> None:
     @settings(max_examples=2500, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(payload=st.integers(0, 3).flatmap(lambda i: raw_pushes if i == 0 else push_docs(
-        ).map(lambda d: _render(d, signer, 7))),
+        ).map(lambda d: _render(d, signer, 7, {"device": "gw"}))),
            signed_fleet=st.booleans())
     def case(payload: bytes, signed_fleet: bool) -> None:
         trusted = [signer.pub] if signed_fleet else []
         try:
-            version, patch = parse_push(payload, trusted)
+            version, patch = parse_push(payload, trusted, ("device", "gw"))
         except PushError as exc:
             assert exc.errors, payload
             for error in exc.errors:
@@ -330,7 +333,7 @@ def test_fleet_pushes_against_the_validation(tmp_path: Path) -> None:
     for depth in range(1, 1100):  # every nesting depth, across json's own limit
         with contextlib.suppress(PushError, ConfigError):
             load_settings(config, use_overlay=False,
-                          overrides=parse_push(_nested(depth), [])[1])
+                          overrides=parse_push(_nested(depth), [], ("device", "gw"))[1])
     assert all(seen.get(k, 0) > 0 for k in ("refused", "signature", "invalid", "valid")), seen
 
 
@@ -410,7 +413,8 @@ def test_fleet_pushes_over_mqtt(start_daemon: Any, tmp_path: Path) -> None:
                        lambda i: raw_pushes if i == 0 else mqtt_docs()))
             def case(layer: str, retain: bool, payload: bytes | dict[str, Any]) -> None:
                 if isinstance(payload, dict):
-                    payload = _render(payload, signer, newest[layer] + 1)
+                    payload = _render(payload, signer, newest[layer] + 1, {
+                        layer: "test-d" if layer == "device" else "line-1"})
                 reports = publish(layer, payload, retain)
                 assert len(reports) <= 2, reports
                 if len(reports) == 1:
@@ -445,7 +449,8 @@ def test_fleet_pushes_over_mqtt(start_daemon: Any, tmp_path: Path) -> None:
                 r.subscribe("edgeagent/test-d/telemetry")
                 for layer, patch in (("group", {}), ("device", {"telemetry": {
                         "interval_s": 0.2}})):
-                    push = {"version": newest[layer] + 1, "settings": patch}
+                    push = {"version": newest[layer] + 1, "settings": patch, "target": {
+                        layer: "test-d" if layer == "device" else "line-1"}}
                     push["signature"] = sign(push, signer.key)
                     report = publish(layer, json.dumps(push).encode(), True)[0]
                     assert report["status"] == "applied", report
