@@ -9,7 +9,7 @@ start -> load (probe, plan, verify, load the model) -> READY -> serve -> drain -
 - A startup failure (bad configuration, missing or tampered model, a plan that cannot fit)
   exits with ``STARTUP_FAILURE`` and one clear log line, so systemd stops restarting.
 - sd_notify: ``READY=1`` once serving, ``STATUS=``, ``WATCHDOG=1`` from the main loop tick
-  while healthy, ``STOPPING=1``.
+  while healthy (the scheduler made progress within ``stall_timeout_s``), ``STOPPING=1``.
 """
 
 from __future__ import annotations
@@ -296,9 +296,15 @@ class Daemon:
                 self.notifier.send("WATCHDOG=1")
                 last_ping = now
 
-    def healthy(self) -> bool:
-        """The watchdog is pinged only while this holds: ready and the scheduler alive."""
-        return self.ready and self.scheduler is not None and self.scheduler.alive
+    def healthy(self, now: float | None = None) -> bool:
+        """The watchdog is pinged only while this holds: ready, and the scheduler alive and
+        making progress (a step or an idle wait within ``stall_timeout_s``): a thread
+        wedged in the engine is not healthy."""
+        scheduler = self.scheduler
+        if not self.ready or scheduler is None or not scheduler.alive:
+            return False
+        now = time.monotonic() if now is None else now
+        return now - scheduler.last_progress < self.settings.stall_timeout_s
 
     async def shutdown(self) -> None:
         self.state = "draining"

@@ -126,6 +126,8 @@ class Scheduler:
         self._pending_swap: tuple[Engine, Plan] | None = None
         #: (time, jobs in the system) at each submit, for the last CONCURRENCY_MEMORY_S
         self._levels: collections.deque[tuple[float, int]] = collections.deque()
+        #: time.monotonic() of the loop's last step or idle wait; the watchdog reads it
+        self.last_progress = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
 
     # ----------------------------------------------------------- properties
@@ -252,6 +254,7 @@ class Scheduler:
         while True:
             with self._cond:
                 while not self._stop and not self._running and not self._queue_ready():
+                    self.last_progress = time.monotonic()  # idle, nothing to do
                     self._cond.wait(timeout=1.0)
                     self._maybe_swap()
                 if not self._running:
@@ -268,12 +271,14 @@ class Scheduler:
             if self._running:
                 try:
                     events = self._engine.step()
-                except Exception as exc:
+                except Exception as exc:  # the engine fails a batch by events; not this
                     log.exception("engine step failed")
+                    events = []
                     self._fail_running(f"engine failure: {exc}")
-                    continue
+                self.last_progress = time.monotonic()
                 self.stats.steps += 1
                 self._dispatch(events)
+                self._fail_lost()
             with self._cond:
                 self._cond.notify_all()  # drain() waits on this
 
@@ -370,7 +375,8 @@ class Scheduler:
                 self._expire(job)  # cancelled by us because its deadline passed
             elif item.reason == "error":
                 self.stats.errors["engine"] += 1
-                self._deliver(job, JobError(500, "engine_error", "generation failed"))
+                self._deliver(job, JobError(500, "engine_error",
+                                            item.error or "generation failed"))
             else:
                 self._deliver(job, item)
 
@@ -405,8 +411,22 @@ class Scheduler:
             jobs = list(self._running.values())
             self._running.clear()
         for job in jobs:
+            if job.seq is not None:
+                self._engine.cancel(job.seq)  # the engine drops it at its next step
             self.stats.errors["engine"] += 1
             self._deliver(job, JobError(500, "engine_error", message))
+
+    def _fail_lost(self) -> None:
+        """Fail the running jobs the engine no longer holds and will never finish: their
+        slots free, and the loop waits instead of stepping an engine with nothing to do."""
+        with self._cond:
+            lost = [key for key, job in self._running.items()
+                    if job.seq is not None and not self._engine.holds(job.seq)]
+            jobs = [self._running.pop(key) for key in lost]
+        for job in jobs:
+            log.error("the engine lost a job", job=job.id)
+            self.stats.errors["engine"] += 1
+            self._deliver(job, JobError(500, "engine_error", "the engine lost the request"))
 
     def _fail_all(self, message: str) -> None:
         jobs = list(self._queue) + list(self._running.values())

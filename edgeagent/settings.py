@@ -323,6 +323,12 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         default=30.0, ge=0, description="On SIGTERM, how long in-flight work may finish."
     )
+    stall_timeout_s: float = Field(
+        default=120.0, ge=1, le=86400,
+        description="The systemd watchdog is fed only while the scheduler has made progress "
+        "(a step, or an idle wait) within this many seconds; longer than the slowest "
+        "legitimate step (a prefill chunk of a full batch on a loaded host).",
+    )
     model: ModelSettings = Field(default_factory=ModelSettings, description="The model.")
     runtime: RuntimeSettings = Field(
         default_factory=RuntimeSettings, description="How the model runs on this machine."
