@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 from collections.abc import Mapping
@@ -184,6 +185,39 @@ class MqttSettings(Section):
     max_payload_bytes: int = Field(
         default=256 * 1024, ge=1024, description="Largest request payload accepted."
     )
+    reply_topics: list[str] = Field(
+        default=["{prefix}/clients/#", "replies/#"],
+        min_length=1,
+        description="MQTT topic filters a request's reply topic (Response Topic or reply_to) "
+        "must match; {prefix} is mqtt.topic_prefix, {device} the device id. A reply topic "
+        "outside them, with wildcards, or one the daemon itself uses, is refused and counted.",
+    )
+
+    @field_validator("reply_topics")
+    @classmethod
+    def _valid_topic_filters(cls, filters: list[str]) -> list[str]:
+        for topic_filter in filters:
+            problem = _topic_filter_problem(topic_filter)
+            if problem is not None:
+                raise ValueError(f"{topic_filter!r} is not a valid MQTT topic filter: {problem}")
+        return filters
+
+
+def _topic_filter_problem(topic_filter: str) -> str | None:
+    """Why ``topic_filter`` (with {prefix} and {device}) is not a valid MQTT filter, or None.
+    paho checks filters only when subscribing; a bad one here would match nothing, silently."""
+    expanded = topic_filter.replace("{prefix}", "p").replace("{device}", "d")
+    if re.search(r"\{\w*\}", expanded):
+        return "unknown placeholder (there are {prefix} and {device})"
+    if not expanded or "\0" in expanded:
+        return "empty, or contains NUL"
+    levels = expanded.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return "'#' must be the whole last level"
+        if "+" in level and level != "+":
+            return "'+' must be a whole level"
+    return None
 
 
 class TelemetrySettings(Section):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import itertools
 import json
 import queue
@@ -52,6 +53,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 RECENT_IDS = 256
+# A reply publish paho accepted: sent, or queued for the next connection. paho keeps it until
+# the broker acknowledges it and resends it after a reconnect, so it is never published again.
+PAHO_HAS_IT = (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)
+MAX_TOPIC_BYTES = 65535  # MQTT's limit on a topic name
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 30.0
 
@@ -76,6 +81,13 @@ def topics(settings: Settings) -> dict[str, str]:
         out["fleet"] = f"$share/{g}/{settings.mqtt.topic_prefix}/fleet/{g}/request"
         out["fleet_topic"] = f"{settings.mqtt.topic_prefix}/fleet/{g}/request"
     return out
+
+
+def reply_filters(settings: Settings) -> list[str]:
+    """``mqtt.reply_topics`` with ``{prefix}`` and ``{device}`` filled in."""
+    return [f.replace("{prefix}", settings.mqtt.topic_prefix).replace("{device}",
+                                                                     settings.device_id)
+            for f in settings.mqtt.reply_topics]
 
 
 def make_client(settings: Settings, client_id: str | None = None,
@@ -123,11 +135,11 @@ class Route:
 
 @dataclass
 class Entry:
-    """A request id seen recently: running (its job) or done (the replies to replay)."""
+    """A request seen recently: running (its job) or done (its replies, as paho took them)."""
 
     route: Route
     job: Job | None = None
-    replies: list[bytes] = field(default_factory=list)
+    replies: list[tuple[bytes, mqtt.MQTTMessageInfo]] = field(default_factory=list)
     done: bool = False
     acks: list[tuple[int, int, int]] = field(default_factory=list)  # (mid, qos, generation)
 
@@ -351,25 +363,42 @@ class MqttTransport:
                 rid = bytes(corr).hex()
         if not topic and isinstance(doc, dict) and isinstance(doc.get("reply_to"), str):
             topic = doc["reply_to"]
-        if not topic or any(c in topic for c in "+#") or not topic.strip():
+        if not topic:
+            return None
+        if not self._reply_allowed(topic):
+            self.stats["reply_refused"] += 1
+            log.warning("mqtt reply topic refused", reply_topic=topic[:200],
+                        allowed=reply_filters(self.settings))
             return None
         return Route(topic, bytes(corr) if corr else None, rid)
 
-    def _publish(self, route: Route, doc: dict[str, Any]) -> bytes:
+    def _reply_allowed(self, topic: str) -> bool:
+        """A topic name (no wildcards) within ``mqtt.reply_topics``, and none of the daemon's
+        own topics: a reply there would come back as a request or a configuration push, or
+        overwrite a retained status."""
+        if (any(c in topic for c in "+#\0") or not topic.strip()
+                or len(topic.encode()) > MAX_TOPIC_BYTES):
+            return False
+        own = {t for k, t in self.topics.items() if k != "fleet"}  # not the $share filter
+        if self._fleet is not None:
+            own.update(self._fleet.topics().values())
+        return topic not in own and any(mqtt.topic_matches_sub(f, topic)
+                                        for f in reply_filters(self.settings))
+
+    def _publish(self, route: Route, doc: dict[str, Any]) -> tuple[bytes, mqtt.MQTTMessageInfo]:
         if route.request_id is not None:
             doc["request_id"] = route.request_id
         doc["served_by"] = self.settings.device_id
         payload = json.dumps(doc, separators=(",", ":")).encode()
-        self._send(route, payload)
-        return payload
+        return payload, self._send(route, payload)
 
-    def _send(self, route: Route, payload: bytes) -> None:
+    def _send(self, route: Route, payload: bytes) -> mqtt.MQTTMessageInfo:
         assert self.client is not None
         if (route.properties is None and self.settings.mqtt.protocol == "5"
                 and route.correlation is not None):
             route.properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             route.properties.CorrelationData = route.correlation
-        self.client.publish(route.topic, payload, qos=1, properties=route.properties)
+        return self.client.publish(route.topic, payload, qos=1, properties=route.properties)
 
     def _reject(self, msg: mqtt.MQTTMessage, gen: int, route: Route | None, status: int,
                 code: str, message: str) -> None:
@@ -455,6 +484,10 @@ class MqttTransport:
             return
         try:
             doc = json.loads(raw.decode("utf-8"))
+        except RecursionError:
+            self._reject(msg, gen, self._route(msg, None), 400, "invalid_json",
+                         "the payload is nested too deeply")
+            return
         except (UnicodeDecodeError, ValueError) as exc:
             self._reject(msg, gen, self._route(msg, None), 400, "invalid_json",
                          f"the payload is not JSON: {exc}")
@@ -466,9 +499,9 @@ class MqttTransport:
             return
         if route is None:
             self._reject(msg, gen, None, 400, "no_route",
-                         "no Response Topic and no reply_to: nowhere to answer")
+                         "no allowed Response Topic or reply_to: nowhere to answer")
             return
-        key = _dedup_key(route)
+        key = _dedup_key(route, raw)
         if key is not None and self._replay(key, msg, gen):
             return
         try:
@@ -487,7 +520,10 @@ class MqttTransport:
         self._submit(msg, gen, route, req)
 
     def _replay(self, key: str, msg: mqtt.MQTTMessage, gen: int) -> bool:
-        """A request id seen before: answer it once (replay the reply), never run it twice."""
+        """The same request delivered again: never run it twice, never answer it twice.
+        Running, it is acknowledged with the first delivery, once answered. Answered, it is
+        only acknowledged: paho holds every reply until the broker acknowledges it (and
+        resends it after a reconnect); a reply paho did not take has never been sent."""
         with self._lock:
             entry = self._recent.get(key)
             if entry is None:
@@ -496,10 +532,11 @@ class MqttTransport:
             if not entry.done:
                 entry.acks.append((msg.mid, msg.qos, gen))
                 return True
-            replies = list(entry.replies)
-        log.info("duplicate mqtt request: replaying its reply", request_id=key)
-        for payload in replies:
-            self._send(entry.route, payload)
+        log.info("duplicate mqtt request: acknowledged, its reply already went out",
+                 request_id=entry.route.request_id)
+        for i, (payload, info) in enumerate(entry.replies):
+            if info.rc not in PAHO_HAS_IT:
+                entry.replies[i] = (payload, self._send(entry.route, payload))
         self._ack(msg.mid, msg.qos, gen)
         return True
 
@@ -537,7 +574,7 @@ class MqttTransport:
         job = Job(prepared.prompt_tokens, prepared.sampling, reply.sink, deadline,
                   guidance=prepared.guidance, transport="mqtt")
         entry.job = job
-        key = _dedup_key(route) or job.id
+        key = _dedup_key(route, msg.payload) or job.id
         self._remember(key, entry)
         try:
             scheduler.submit(job)
@@ -573,11 +610,15 @@ class MqttTransport:
             self._ack(mid, qos, gen)
 
 
-def _dedup_key(route: Route) -> str | None:
-    """A repeated delivery is the same request id for the same reply topic."""
+def _dedup_key(route: Route, payload: bytes | bytearray) -> str | None:
+    """A duplicate is the same request delivered again: the same reply topic, correlation
+    data and id, and the same payload. A reused id or correlation with another payload is a
+    new request (else whoever sends a victim's id first chooses the victim's answer)."""
     if route.request_id is None:
         return None
-    return f"{route.topic}\0{route.request_id}"
+    corr = route.correlation.hex() if route.correlation is not None else ""
+    digest = hashlib.sha256(payload).hexdigest()
+    return f"{route.topic}\0{corr}\0{route.request_id}\0{digest}"
 
 
 def _coalesce(jobs: Iterable[tuple[_Reply, Item]]) -> list[tuple[_Reply, Item]]:
