@@ -287,14 +287,19 @@ class Daemon:
     async def _main_loop(self) -> None:
         interval = watchdog_interval()
         tick = min(interval, 1.0) if interval else 1.0
-        last_ping = 0.0
+        last_check = 0.0
         while not self._exit.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._exit.wait(), timeout=tick)
             now = time.monotonic()
-            if interval and now - last_ping >= interval and self.healthy():
-                self.notifier.send("WATCHDOG=1")
-                last_ping = now
+            if interval and now - last_check >= interval:
+                if self.healthy(now):
+                    self.notifier.send("WATCHDOG=1")
+                    last_check = now
+                elif self.ready:  # once per interval until systemd restarts us
+                    log.error("watchdog withheld: the scheduler made no progress",
+                              stall_timeout_s=self.settings.stall_timeout_s)
+                    last_check = now
 
     def healthy(self, now: float | None = None) -> bool:
         """The watchdog is pinged only while this holds: ready, and the scheduler alive and
