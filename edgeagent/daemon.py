@@ -293,13 +293,12 @@ class Daemon:
                 await asyncio.wait_for(self._exit.wait(), timeout=tick)
             now = time.monotonic()
             if interval and now - last_check >= interval:
+                last_check = now
                 if self.healthy(now):
                     self.notifier.send("WATCHDOG=1")
-                    last_check = now
-                elif self.ready:  # once per interval until systemd restarts us
+                else:  # once per interval, until systemd restarts the daemon
                     log.error("watchdog withheld: the scheduler made no progress",
                               stall_timeout_s=self.settings.stall_timeout_s)
-                    last_check = now
 
     def healthy(self, now: float | None = None) -> bool:
         """The watchdog is pinged only while this holds: ready, and the scheduler alive and
