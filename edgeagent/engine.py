@@ -219,7 +219,8 @@ class _Batch:
 class Engine:
     """An onnxruntime-genai model loaded under a plan, batching on ``og.Generator``.
 
-    Everything but the text helpers runs on the scheduler's thread.
+    Everything but the text helpers and ``check_guidance`` (the transports' admission
+    check) runs on the scheduler's thread.
     """
 
     def __init__(self, model_path: Path, plan: Plan) -> None:
