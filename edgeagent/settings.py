@@ -86,7 +86,7 @@ class RuntimeSettings(Section):
     threads: int | Auto = Field(
         default="auto",
         description="Intra-op threads. auto: physical cores within the CPU affinity and the "
-        "cgroup CPU quota.",
+        "cgroup CPU quota. An explicit value above the CPUs this process may use is refused.",
     )
     context_length: int | Auto = Field(
         default="auto",
