@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 from typing import Any
 
@@ -120,6 +121,20 @@ def test_the_documented_reply_shapes_work(start_daemon: Any, broker: Broker) -> 
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["object"] == "chat.completion"
     assert _counter(d, "mqtt_reply_refused") == 0
+
+
+@pytest.mark.model
+@pytest.mark.broker
+def test_ask_names_the_reply_topic_a_daemon_refused(start_daemon: Any, broker: Broker) -> None:
+    """A daemon that allows only replies/#: `edgeagent ask --mqtt` gets no reply, and says
+    which reply topic the daemon must allow."""
+    d = _ready_online(start_daemon, broker, 'reply_topics = ["replies/#"]')
+    res = subprocess.run(
+        [sys.executable, "-m", "edgeagent", "ask", "--mqtt", broker.url, "--device", "test-d",
+         "--timeout", "5", "Say hi."], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    assert "mqtt.reply_topics allow edgeagent/clients/" in res.stderr
+    assert _counter(d, "mqtt_reply_refused") == 1
 
 
 # ------------------------------------------------------------------ item 4: reply poisoning

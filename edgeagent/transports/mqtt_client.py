@@ -71,20 +71,21 @@ def ask_mqtt(args: argparse.Namespace) -> int:
         return 1
     client.loop_start()
     try:
-        return _print_replies(inbox, args.timeout, stream)
+        return _print_replies(inbox, args.timeout, stream, reply_topic)
     finally:
         client.disconnect()
         client.loop_stop()
 
 
 def _print_replies(inbox: queue.Queue[dict[str, Any] | str], timeout: float,
-                   stream: bool) -> int:
+                   stream: bool, reply_topic: str) -> int:
     while True:
         try:
             doc = inbox.get(timeout=timeout)
         except queue.Empty:
-            print(f"\nerror: no reply within {timeout}s (is the device online?)",
-                  file=sys.stderr)
+            # A daemon refuses (and counts) reply topics outside its mqtt.reply_topics.
+            print(f"\nerror: no reply within {timeout}s (is the device online, and does its "
+                  f"mqtt.reply_topics allow {reply_topic}?)", file=sys.stderr)
             return 1
         if isinstance(doc, str):
             print(f"error: {doc}", file=sys.stderr)
