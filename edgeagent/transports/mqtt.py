@@ -12,7 +12,10 @@ Topics, under ``{prefix}/{device}/``:
 
 Delivery: QoS 1 both ways, a persistent session, and a request is acknowledged only once
 its reply is published, so a request in flight when the daemon dies is delivered again.
-A repeated request id is answered once: its reply is replayed.
+Replies go only to topics within ``mqtt.reply_topics``, never to wildcards or the daemon's
+own topics. Each request is answered once: the same request (reply topic, correlation
+data or id, payload) delivered again is only acknowledged; every message on the request
+topic gets a reply, an error when it is bad, or is counted when it has no allowed route.
 """
 
 from __future__ import annotations
