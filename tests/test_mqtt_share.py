@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import queue
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -80,10 +81,15 @@ class FleetRequester:
             self.replies.setdefault(doc.get("request_id", "?"), (doc, time.time()))
 
 
-def test_a_killed_member_strands_no_fleet_request(start_daemon: Any, broker: Broker) -> None:
-    """Two members; 20 requests; SIGKILL one once it has answered some; 20 more. Every
-    request is answered within its deadline, and all of those after the kill by the
-    survivor. Before the fix the dead member's persistent session kept its half of them."""
+@pytest.mark.parametrize(("sig", "gone"), [(signal.SIGKILL, "offline"),
+                                            (signal.SIGTERM, "stopped")],
+                         ids=["killed", "stopped"])
+def test_a_member_that_goes_strands_no_fleet_request(start_daemon: Any, broker: Broker,
+                                                     sig: int, gone: str) -> None:
+    """Two members; 20 requests; stop one (killed, or a clean stop) once it has answered
+    some; 20 more. Every request is answered within its deadline, and all of those after
+    the stop by the survivor. Before the fix the stopped member's persistent session kept
+    its half of them."""
     with requester(broker) as r:
         r.subscribe("edgeagent/+/status")
         fleet = FleetRequester(r)
@@ -108,9 +114,8 @@ def test_a_killed_member_strands_no_fleet_request(start_daemon: Any, broker: Bro
         fleet.wait_until(lambda: any(fleet.replies[rid][0]["served_by"] == "test-a"
                                      for rid in before if rid in fleet.replies),
                          "a reply from test-a")
-        a.proc.kill()
-        a.proc.wait(timeout=30)
-        fleet.wait_until(lambda: fleet.status.get("test-a") == "offline", "test-a offline")
+        a.stop(sig)
+        fleet.wait_until(lambda: fleet.status.get("test-a") == gone, f"test-a {gone}")
         for rid in fleet.unanswered(before):  # delivered to test-a and lost with it
             fleet.send(rid)
         after = [f"r{i}" for i in range(20, 40)]

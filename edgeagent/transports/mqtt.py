@@ -8,7 +8,9 @@ Topics, under ``{prefix}/{device}/``:
   Topic, with the Correlation Data echoed; otherwise the payload's ``reply_to`` and ``id``.
 - ``cancel``: ``{"id": "..."}`` cancels that request.
 - ``$share/{group}/{prefix}/fleet/{group}/request`` when ``fleet.group`` is set: gateways
-  split one request stream through the broker.
+  split one request stream through the broker. It rides on a second connection
+  (``<client_id>-share``) whose session ends with it, so a dead gateway collects no share;
+  what was in flight to it is lost with it, and requesters re-publish (docs/fleet.md).
 
 Delivery: QoS 1 both ways, a persistent session, and a request is acknowledged only once
 its reply is published, so a request in flight when the daemon dies is delivered again.
