@@ -209,6 +209,16 @@ def test_a_signed_push_is_bound_to_its_target(
         r.close()
 
 
+def test_config_push_refuses_a_file_for_another_target(tmp_path: Path) -> None:
+    push = tmp_path / "push.json"
+    push.write_text(json.dumps({"version": 1, "target": {"group": "line-1"}, "settings": {}}))
+    res = subprocess.run(  # refused before it connects: no broker listens on port 1
+        [sys.executable, "-m", "edgeagent", "config", "push", "--mqtt", "mqtt://127.0.0.1:1",
+         "--device", "test-d", str(push)], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "line-1" in res.stdout and "test-d" in res.stdout
+
+
 def test_an_unsigned_push_with_a_target_must_match_it(start_daemon: Any, broker: Broker) -> None:
     d = _daemon(start_daemon, broker)
     r = _reporter(broker)
