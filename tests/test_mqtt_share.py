@@ -55,24 +55,34 @@ class FleetRequester:
     def unanswered(self, ids: list[str]) -> list[str]:
         return [rid for rid in ids if rid not in self.replies]
 
-    def wait_reply(self, rid: str) -> dict[str, Any]:
-        self.wait_until(lambda: rid in self.replies, f"{rid} answered")
+    def wait_reply(self, rid: str, resend_s: float = 5.0) -> dict[str, Any]:
+        """Wait for the reply to ``rid`` (sent), re-publishing it every ``resend_s``: the
+        broker drops what arrives before any member holds the shared subscription."""
+        until = time.monotonic() + DEADLINE_S
+        while not self._pump(lambda: rid in self.replies,
+                             min(until, time.monotonic() + resend_s)):
+            if time.monotonic() >= until:
+                raise AssertionError(f"no reply to {rid} within {DEADLINE_S}s")
+            self.send(rid)
         return self.replies[rid][0]
 
-    def wait_until(self, done: Callable[[], bool], what: str, timeout: float = DEADLINE_S
-                   ) -> None:
-        """Take messages until ``done()``; fail after ``timeout`` seconds."""
-        until = time.monotonic() + timeout
+    def wait_until(self, done: Callable[[], bool], what: str) -> None:
+        if not self._pump(done, time.monotonic() + DEADLINE_S):
+            raise AssertionError(f"not {what} within {DEADLINE_S}s; replies: "
+                                 f"{sorted(self.replies)}; status: {self.status}")
+
+    def _pump(self, done: Callable[[], bool], until: float) -> bool:
+        """Take messages until ``done()`` (True) or the monotonic time ``until`` (False)."""
         while not done():
             left = until - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"not {what} within {timeout}s; replies: "
-                                     f"{sorted(self.replies)}; status: {self.status}")
+                return False
             try:
                 topic, doc, _ = self.r.get(left)
             except queue.Empty:  # checked again at the top
                 continue
             self._take(topic, doc)
+        return True
 
     def _take(self, topic: str, doc: dict[str, Any]) -> None:
         if topic.endswith("/status"):
@@ -128,3 +138,30 @@ def test_a_member_that_goes_strands_no_fleet_request(start_daemon: Any, broker: 
         assert "error" not in reply, reply
         assert arrived <= fleet.deadlines[rid], rid
     assert {fleet.replies[rid][0]["served_by"] for rid in after} == {"test-b"}
+
+
+def test_a_session_from_before_gives_up_the_shared_subscription(start_daemon: Any,
+                                                               broker: Broker) -> None:
+    """A gateway upgraded from a version that held the shared subscription in its
+    persistent session drops it there, or that session strands requests once it is dead."""
+    old = Requester(broker, client_id="test-a", persistent=True)  # test-a's old session
+    old.subscribe(f"$share/{GROUP}/{FLEET_TOPIC}")
+    old.close()
+    with requester(broker) as r:
+        r.subscribe("edgeagent/+/status")
+        fleet = FleetRequester(r)
+        a = start_daemon(extra_toml=member_toml(broker), name="a")
+        a.wait_ready()
+        fleet.wait_until(lambda: fleet.status.get("test-a") == "online", "test-a online")
+        fleet.send("warm-a")
+        assert fleet.wait_reply("warm-a")["served_by"] == "test-a"
+        a.stop(signal.SIGKILL)
+        fleet.wait_until(lambda: fleet.status.get("test-a") == "offline", "test-a offline")
+        start_daemon(extra_toml=member_toml(broker), name="b").wait_ready()
+        fleet.send("warm-b")
+        assert fleet.wait_reply("warm-b")["served_by"] == "test-b"  # b holds the subscription
+        ids = [f"r{i}" for i in range(6)]
+        for rid in ids:
+            fleet.send(rid)
+        fleet.wait_until(lambda: not fleet.unanswered(ids), "all answered")
+    assert {fleet.replies[rid][0]["served_by"] for rid in ids} == {"test-b"}
