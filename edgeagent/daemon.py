@@ -33,7 +33,7 @@ from edgeagent.planner import ModelMeta, Plan, PlanError, plan
 from edgeagent.probe import probe
 from edgeagent.scheduler import Scheduler
 from edgeagent.sdnotify import Notifier, watchdog_interval
-from edgeagent.settings import ConfigError, Settings, load_settings
+from edgeagent.settings import ConfigError, Settings, changed_settings, load_settings
 from edgeagent.telemetry import Telemetry
 
 log = structlog.get_logger(__name__)
@@ -68,14 +68,9 @@ def plan_for(settings: Settings) -> Plan:
 
 
 def needs_reload(old: Settings, new: Settings) -> bool:
-    """Whether going from ``old`` to ``new`` changes the model or its plan."""
-    return (
-        new.model_path != old.model_path
-        or new.model.verify != old.model.verify
-        or new.runtime != old.runtime
-        or new.limits.max_prompt_tokens != old.limits.max_prompt_tokens
-        or new.limits.min_output_tokens != old.limits.min_output_tokens
-    )
+    """Whether going from ``old`` to ``new`` changes the model or its plan: a changed
+    setting whose liveness is ``reload``."""
+    return "reload" in changed_settings(old, new)
 
 
 def load_engine(settings: Settings) -> tuple[Engine, Plan, dict[str, object] | None]:
@@ -345,14 +340,17 @@ class Daemon:
         await self.apply(new)
 
     async def apply(self, new: Settings) -> str | None:
-        """Apply new settings: live where possible, a background model reload otherwise.
+        """Apply new settings as each changed setting's liveness says (settings.py): live
+        and scheduler settings at once, a background model reload for reload ones, and
+        restart ones kept for the next start (logged as ``after_restart``).
 
-        Returns None when applied, or why the model reload failed (the running model and
-        configuration are kept)."""
-        old = self.settings
+        Returns None when applied, restart settings included, or why the model reload
+        failed (the running model and configuration are kept)."""
+        changes = changed_settings(self.settings, new)
         logsetup.configure(new.log.level, new.log.format)
-        if needs_reload(old, new) and self.scheduler is not None:
-            log.info("configuration needs a model reload; the current model keeps serving")
+        if "reload" in changes and self.scheduler is not None:
+            log.info("configuration needs a model reload; the current model keeps serving",
+                     settings=changes["reload"])
             try:
                 engine, new_plan, manifest = await asyncio.to_thread(load_engine, new)
             except StartupError as exc:
@@ -368,7 +366,10 @@ class Daemon:
         if self.telemetry is not None:
             self.telemetry.interval_changed()
         self.last_apply = "applied"
-        log.info("configuration applied")
+        # Restart settings are kept (config show, the overlay) but the running sockets and
+        # broker connection still use the old values: say so rather than pretend.
+        log.info("configuration applied", changed=changes,
+                 after_restart=changes.get("restart", []))
         return None
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from edgeagent.settings import Settings
+from edgeagent.settings import leaf_fields, liveness
 
 
 def _default(info: FieldInfo) -> str:
@@ -29,19 +28,9 @@ def _type(info: FieldInfo) -> str:
     return text.replace(" | ", " or ")
 
 
-def _rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
-    rows: list[tuple[str, str, str, str]] = []
-    for name, info in model.model_fields.items():
-        ann = info.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            rows.extend(_rows(ann, f"{prefix}{name}."))
-        else:
-            rows.append((f"{prefix}{name}", _type(info), _default(info), info.description or ""))
-    return rows
-
-
 def settings_reference() -> str:
-    """Markdown tables of every setting: name, type, default, description."""
+    """Markdown tables of every setting: name, type, default, when a change takes effect,
+    description."""
     lines = [
         "# Configuration reference",
         "",
@@ -49,9 +38,15 @@ def settings_reference() -> str:
         "can be given in the TOML file (`[section]` tables), or in the environment as "
         "`EDGEAGENT_<SECTION>__<NAME>` (for example `EDGEAGENT_RUNTIME__THREADS=2`).",
         "",
-        "| setting | type | default | description |",
-        "| --- | --- | --- | --- |",
+        "*Applied* says when a change by SIGHUP or a fleet push takes effect: `live` at once; "
+        "`scheduler` handed to the running scheduler; `reload` the model is reloaded in the "
+        "background (the running one serves until the new one is loaded); `restart` only "
+        "after the daemon restarts (the change is accepted and logged as waiting for it).",
+        "",
+        "| setting | type | default | applied | description |",
+        "| --- | --- | --- | --- | --- |",
     ]
-    for name, typ, default, desc in _rows(Settings):
-        lines.append(f"| `{name}` | {typ} | {default} | {desc} |")
+    for name, info in leaf_fields():
+        lines.append(f"| `{name}` | {_type(info)} | {_default(info)} | {liveness(info)} "
+                     f"| {info.description or ''} |")
     return "\n".join(lines) + "\n"

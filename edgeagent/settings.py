@@ -18,11 +18,13 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.config import JsonDict
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 if sys.version_info >= (3, 11):
@@ -35,6 +37,18 @@ OVERLAY_FILE = "fleet-overlay.json"
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct-int4"
 
 Auto = Literal["auto"]
+
+#: When a changed setting takes effect, weakest first: ``live``, at once (read where it is
+#: used); ``scheduler``, handed to the running scheduler; ``reload``, it changes the model or
+#: its plan, so the model is reloaded in the background while the old one serves;
+#: ``restart``, read only at start (sockets, the broker connection, topics).
+Liveness = Literal["live", "scheduler", "reload", "restart"]
+LIVENESS: tuple[Liveness, ...] = ("live", "scheduler", "reload", "restart")
+# Every leaf setting declares one, as Field(json_schema_extra=...): see liveness().
+LIVE: JsonDict = {"liveness": "live"}
+SCHEDULER: JsonDict = {"liveness": "scheduler"}
+RELOAD: JsonDict = {"liveness": "reload"}
+RESTART: JsonDict = {"liveness": "restart"}
 
 
 class Section(BaseModel):
@@ -74,11 +88,13 @@ class ModelSettings(Section):
         default=None,
         description="onnxruntime-genai model folder. Unset: the default model, "
         f"<state_dir>/models/{DEFAULT_MODEL_NAME}.",
+        json_schema_extra=RELOAD,
     )
     verify: bool = Field(
         default=True,
         description="Check the sha256 sum of every file listed in the model's manifest before "
         "loading; a mismatch refuses to start.",
+        json_schema_extra=RELOAD,
     )
 
 
@@ -87,25 +103,31 @@ class RuntimeSettings(Section):
         default="auto",
         description="Intra-op threads. auto: physical cores within the CPU affinity and the "
         "cgroup CPU quota. An explicit value above the CPUs this process may use is refused.",
+        json_schema_extra=RELOAD,
     )
     context_length: int | Auto = Field(
         default="auto",
         description="Tokens per sequence (prompt + output). auto: the model's own limit, capped "
         "by runtime.auto_context_cap and by what fits in memory.",
+        json_schema_extra=RELOAD,
     )
     max_batch: int | Auto = Field(
         default="auto",
         description="Sequences generated at once. auto: up to runtime.auto_max_batch_cap, as "
         "many as fit in memory.",
+        json_schema_extra=RELOAD,
     )
     provider: Literal["cpu"] = Field(
-        default="cpu", description="onnxruntime execution provider."
+        default="cpu", description="onnxruntime execution provider.",
+        json_schema_extra=RELOAD,
     )
     auto_context_cap: int = Field(
-        default=4096, ge=64, description="Upper bound for an automatic context length."
+        default=4096, ge=64, description="Upper bound for an automatic context length.",
+        json_schema_extra=RELOAD,
     )
     auto_max_batch_cap: int = Field(
-        default=4, ge=1, description="Upper bound for an automatic max_batch."
+        default=4, ge=1, description="Upper bound for an automatic max_batch.",
+        json_schema_extra=RELOAD,
     )
     batch_window_ms: float = Field(
         default=100.0,
@@ -115,17 +137,20 @@ class RuntimeSettings(Section):
         "requests arriving together are generated as one batch. It waits only until as many "
         "requests are queued as were in the daemon at once in the last 10 seconds, so a "
         "lone client's requests start at once.",
+        json_schema_extra=SCHEDULER,
     )
     probe_root: Path = Field(
         default=Path("/"),
         description="Where the hardware probe finds proc/ and sys/: / on a gateway; a "
         "prepared tree to diagnose a planning problem or to test without the hardware.",
+        json_schema_extra=RELOAD,
     )
     memory_headroom_mb: int = Field(
         default=256,
         ge=0,
         description="Memory kept free for the OS and the daemon's own Python heap; the "
         "planner will not plan into it and the memory guard refuses work below it.",
+        json_schema_extra=RELOAD,
     )
 
 
@@ -136,16 +161,23 @@ class SocketSettings(Section):
         "exists (edgeagent.socket) or for root, else $XDG_RUNTIME_DIR/edgeagent/api.sock, "
         "else /tmp/edgeagent-<uid>/api.sock. Under socket activation the daemon serves the "
         "socket it is handed.",
+        json_schema_extra=RESTART,
     )
-    mode: int = Field(default=0o660, ge=0, le=0o777, description="File mode of the socket.")
+    mode: int = Field(
+        default=0o660, ge=0, le=0o777, description="File mode of the socket.",
+        json_schema_extra=RESTART,
+    )
     group: str | None = Field(
-        default=None, description="Group that owns the socket, for local clients."
+        default=None, description="Group that owns the socket, for local clients.",
+        json_schema_extra=RESTART,
     )
     tcp_host: str = Field(
-        default="127.0.0.1", description="Address of the optional TCP listener."
+        default="127.0.0.1", description="Address of the optional TCP listener.",
+        json_schema_extra=RESTART,
     )
     tcp_port: int | None = Field(
-        default=None, ge=1, le=65535, description="Port of the optional TCP listener; unset: off."
+        default=None, ge=1, le=65535, description="Port of the optional TCP listener; unset: off.",
+        json_schema_extra=RESTART,
     )
     idle_timeout_s: int = Field(
         default=10,
@@ -153,6 +185,7 @@ class SocketSettings(Section):
         description="A connection that has not sent a complete request head this long after "
         "connecting or after its last response is closed (slow or silent clients hold a file "
         "descriptor each).",
+        json_schema_extra=RESTART,
     )
 
 
@@ -160,30 +193,49 @@ class MqttSettings(Section):
     url: str | None = Field(
         default=None,
         description="Broker, mqtt://host:port or mqtts://host:port. Unset: MQTT is off.",
+        json_schema_extra=RESTART,
     )
     topic_prefix: str = Field(
-        default="edgeagent", min_length=1, description="First level of every topic."
+        default="edgeagent", min_length=1, description="First level of every topic.",
+        json_schema_extra=RESTART,
     )
-    client_id: str | None = Field(default=None, description="Client id; unset: the device id.")
-    username: str | None = Field(default=None, description="Username for the broker.")
+    client_id: str | None = Field(
+        default=None, description="Client id; unset: the device id.", json_schema_extra=RESTART,
+    )
+    username: str | None = Field(
+        default=None, description="Username for the broker.", json_schema_extra=RESTART,
+    )
     password_file: Path | None = Field(
         default=None,
         description="File holding the broker password. Unset: the credential 'mqtt_password' "
         "in $CREDENTIALS_DIRECTORY, when present.",
+        json_schema_extra=RESTART,
     )
-    protocol: Literal["5", "3.1.1"] = Field(default="5", description="MQTT protocol version.")
-    keepalive_s: int = Field(default=30, ge=5, le=65535, description="Keepalive interval.")
+    protocol: Literal["5", "3.1.1"] = Field(
+        default="5", description="MQTT protocol version.", json_schema_extra=RESTART,
+    )
+    keepalive_s: int = Field(
+        default=30, ge=5, le=65535, description="Keepalive interval.", json_schema_extra=RESTART,
+    )
     session_expiry_s: int = Field(
         default=3600,
         ge=0,
         description="MQTT 5 session expiry: requests published while the daemon restarts "
         "within it are delivered when it returns.",
+        json_schema_extra=RESTART,
     )
-    ca_file: Path | None = Field(default=None, description="CA bundle for mqtts://.")
-    cert_file: Path | None = Field(default=None, description="Client certificate (mutual TLS).")
-    key_file: Path | None = Field(default=None, description="Client key (mutual TLS).")
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle for mqtts://.", json_schema_extra=RESTART,
+    )
+    cert_file: Path | None = Field(
+        default=None, description="Client certificate (mutual TLS).", json_schema_extra=RESTART,
+    )
+    key_file: Path | None = Field(
+        default=None, description="Client key (mutual TLS).", json_schema_extra=RESTART,
+    )
     max_payload_bytes: int = Field(
-        default=256 * 1024, ge=1024, description="Largest request payload accepted."
+        default=256 * 1024, ge=1024, description="Largest request payload accepted.",
+        json_schema_extra=RESTART,
     )
     reply_topics: list[str] = Field(
         default=["{prefix}/clients/#", "replies/#"],
@@ -191,6 +243,7 @@ class MqttSettings(Section):
         description="MQTT topic filters a request's reply topic (Response Topic or reply_to) "
         "must match; {prefix} is mqtt.topic_prefix, {device} the device id. A reply topic "
         "outside them, with wildcards, or one the daemon itself uses, is refused and counted.",
+        json_schema_extra=RESTART,
     )
 
     @field_validator("reply_topics")
@@ -222,71 +275,86 @@ def _topic_filter_problem(topic_filter: str) -> str | None:
 
 class TelemetrySettings(Section):
     interval_s: float = Field(
-        default=30.0, ge=0.1, le=86400, description="Seconds between two telemetry documents."
+        default=30.0, ge=0.1, le=86400, description="Seconds between two telemetry documents.",
+        json_schema_extra=LIVE,
     )
     buffer_max: int = Field(
-        default=1000, ge=1, description="Telemetry documents kept while the broker is away."
+        default=1000, ge=1, description="Telemetry documents kept while the broker is away.",
+        json_schema_extra=LIVE,
     )
     spool_dir: Path | None = Field(
-        default=None, description="Folder where buffered telemetry survives a restart."
+        default=None, description="Folder where buffered telemetry survives a restart.",
+        json_schema_extra=RESTART,
     )
 
 
 class FleetSettings(Section):
     group: str | None = Field(
-        default=None, description="Fleet group: shared request topic and group configuration."
+        default=None, description="Fleet group: shared request topic and group configuration.",
+        json_schema_extra=RESTART,
     )
     trusted_keys: list[Path] = Field(
         default_factory=list,
         description="Ed25519 public keys (PEM); when set, configuration pushes must be signed.",
+        json_schema_extra=LIVE,
     )
 
 
 class LimitsSettings(Section):
     max_queue: int = Field(
-        default=32, ge=1, description="Requests waiting for a batch slot; beyond it: 429."
+        default=32, ge=1, description="Requests waiting for a batch slot; beyond it: 429.",
+        json_schema_extra=SCHEDULER,
     )
     max_prompt_tokens: int | Auto = Field(
         default="auto",
         description="Longest prompt accepted. auto: the context length less "
         "limits.min_output_tokens.",
+        json_schema_extra=RELOAD,
     )
     min_output_tokens: int = Field(
-        default=256, ge=1, description="Room kept for output when max_prompt_tokens is auto."
+        default=256, ge=1, description="Room kept for output when max_prompt_tokens is auto.",
+        json_schema_extra=RELOAD,
     )
     default_max_tokens: int = Field(
-        default=512, ge=1, description="max_tokens of a request that does not set it."
+        default=512, ge=1, description="max_tokens of a request that does not set it.",
+        json_schema_extra=LIVE,
     )
     request_timeout_s: float = Field(
-        default=300.0, gt=0, description="Deadline of a request from its arrival; beyond it: 408."
+        default=300.0, gt=0, description="Deadline of a request from its arrival; beyond it: 408.",
+        json_schema_extra=LIVE,
     )
     max_body_bytes: int = Field(
         default=1024 * 1024,
         ge=1024,
         description="Largest HTTP request body accepted, declared or chunked; beyond it: 413.",
+        json_schema_extra=RESTART,
     )
     max_header_bytes: int = Field(
         default=16 * 1024,
         ge=1024,
         description="Largest HTTP request head (request line and headers); beyond it: 431, "
         "before more is read.",
+        json_schema_extra=RESTART,
     )
     max_connections: int = Field(
         default=128,
         ge=1,
         description="HTTP connections served at once; a request on one more gets 503. Keep it "
         "well below the unit's LimitNOFILE.",
+        json_schema_extra=RESTART,
     )
 
 
 class LogSettings(Section):
     level: Literal["debug", "info", "warning", "error"] = Field(
-        default="info", description="Lowest level logged."
+        default="info", description="Lowest level logged.",
+        json_schema_extra=LIVE,
     )
     format: Literal["auto", "json", "console"] = Field(
         default="auto",
         description="json: one JSON object a line (journald); console: for a terminal; "
         "auto: console on a terminal, json otherwise.",
+        json_schema_extra=LIVE,
     )
 
 
@@ -348,20 +416,24 @@ class Settings(BaseSettings):
         min_length=1,
         pattern=r"^[A-Za-z0-9._-]+$",
         description="This gateway's name in topics and telemetry. Default: the hostname.",
+        json_schema_extra=RESTART,
     )
     state_dir: Path = Field(
         default_factory=_default_state_dir,
         description="Models, the fleet overlay and spooled telemetry. Default: "
         "$STATE_DIRECTORY under systemd, ~/.local/share/edgeagent for a user.",
+        json_schema_extra=RELOAD,
     )
     drain_timeout_s: float = Field(
-        default=30.0, ge=0, description="On SIGTERM, how long in-flight work may finish."
+        default=30.0, ge=0, description="On SIGTERM, how long in-flight work may finish.",
+        json_schema_extra=LIVE,
     )
     stall_timeout_s: float = Field(
         default=120.0, ge=1, le=86400,
         description="The systemd watchdog is fed only while the scheduler has made progress "
         "(a step, or an idle wait) within this many seconds; longer than the slowest "
         "legitimate step (a prefill chunk of a full batch on a loaded host).",
+        json_schema_extra=LIVE,
     )
     model: ModelSettings = Field(default_factory=ModelSettings, description="The model.")
     runtime: RuntimeSettings = Field(
@@ -383,6 +455,7 @@ class Settings(BaseSettings):
         default_factory=_default_profiles,
         description="Named presets (system prompt and sampling), chosen with the request's "
         "model field, e.g. edgeagent:coding.",
+        json_schema_extra=LIVE,
     )
 
     @field_validator("profiles", mode="before")
@@ -421,6 +494,45 @@ class Settings(BaseSettings):
     @property
     def overlay_path(self) -> Path:
         return self.state_dir / OVERLAY_FILE
+
+
+def leaf_fields(
+    model: type[BaseModel] = Settings, prefix: str = ""
+) -> Iterator[tuple[str, FieldInfo]]:
+    """Every setting that is not a section, by dotted name (``runtime.threads``);
+    ``profiles`` is one setting."""
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from leaf_fields(ann, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", info
+
+
+def liveness(info: FieldInfo) -> Liveness:
+    """What a setting declares about when a change to it takes effect."""
+    extra = info.json_schema_extra
+    kind = extra.get("liveness") if isinstance(extra, dict) else None
+    if kind not in LIVENESS:
+        raise TypeError(f"setting {info.description!r} declares no liveness")
+    return kind
+
+
+def changed_settings(old: Settings, new: Settings) -> dict[Liveness, list[str]]:
+    """The settings whose values differ between ``old`` and ``new``, by liveness: what
+    applying ``new`` must do (a reload only for ``reload``, a restart for ``restart``)."""
+    changed: dict[Liveness, list[str]] = {}
+    for name, info in leaf_fields():
+        if _dotted(old, name) != _dotted(new, name):
+            changed.setdefault(liveness(info), []).append(name)
+    return changed
+
+
+def _dotted(settings: Settings, name: str) -> Any:
+    value: Any = settings
+    for part in name.split("."):
+        value = getattr(value, part)
+    return value
 
 
 class ConfigError(Exception):
