@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Sequence as SequenceT
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from edgeagent.engine import Engine, GuidanceError, Plain, Sampling
-from edgeagent.scheduler import AdmissionError
+from edgeagent.engine import Engine, Finish, GuidanceError, Plain, Sampling
+from edgeagent.scheduler import AdmissionError, Job, JobError, Sink, Unavailable
 from edgeagent.settings import ProfileSettings, Settings
 
 MODEL_PREFIX = "edgeagent"
@@ -34,6 +35,10 @@ class InvalidRequest(AdmissionError):
 class ModelNotFound(AdmissionError):
     status = 404
     code = "model_not_found"
+
+
+class ModelLoading(Unavailable):
+    code = "model_loading"
 
 
 class TextPart(Strict):
@@ -157,6 +162,23 @@ class Prepared:
     guidance: tuple[str, str] | None
     tool_mode: bool  # the output is our tool envelope, parsed at the end
     include_usage: bool
+    deadline: float = float("inf")  # time.monotonic(): limits.request_timeout_s from now
+    #: The engine generation that tokenized it: it runs on that engine or is refused.
+    generation: int | None = None
+
+
+def to_job(p: Prepared, sink: Sink, transport: str, *, expiry_s: float | None = None,
+           unix_deadline: float | None = None) -> Job:
+    """The scheduler's job for ``p``. Its deadline is the earliest of the request timeout,
+    a message expiry (``expiry_s`` from now) and a client's deadline (Unix time)."""
+    now = time.monotonic()
+    deadline = p.deadline
+    if expiry_s:
+        deadline = min(deadline, now + expiry_s)
+    if unix_deadline is not None:
+        deadline = min(deadline, now + (unix_deadline - time.time()))
+    return Job(p.prompt_tokens, p.sampling, sink, deadline, guidance=p.guidance,
+               transport=transport, generation=p.generation)
 
 
 # -------------------------------------------------------------- profiles
@@ -295,7 +317,7 @@ def _new(kind: str) -> tuple[str, int]:
 
 
 def prepare_chat(req: ChatCompletionRequest, engine: Engine, settings: Settings,
-                 model_id: str) -> Prepared:
+                 model_id: str, generation: int | None = None) -> Prepared:
     profile = resolve_profile(req.model, settings, model_id)
     # Every content the client sent is Plain: tokenized as text, never as control tokens.
     # Only what the daemon itself adds (the profile's system prompt, the tools note) is
@@ -339,7 +361,11 @@ def prepare_chat(req: ChatCompletionRequest, engine: Engine, settings: Settings,
     rid, created = _new("chatcmpl")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return Prepared(rid, req.model, created, tokens, sampling, guidance, tool_mode,
-                    include_usage)
+                    include_usage, _deadline(settings), generation)
+
+
+def _deadline(settings: Settings) -> float:
+    return time.monotonic() + settings.limits.request_timeout_s
 
 
 def _check_guidance(engine: Engine, guidance: tuple[str, str], sampling: Sampling,
@@ -354,7 +380,7 @@ def _check_guidance(engine: Engine, guidance: tuple[str, str], sampling: Samplin
 
 
 def prepare_completion(req: CompletionRequest, engine: Engine, settings: Settings,
-                       model_id: str) -> Prepared:
+                       model_id: str, generation: int | None = None) -> Prepared:
     profile = resolve_profile(req.model, settings, model_id)
     if not req.prompt:
         raise InvalidRequest("prompt must not be empty", "prompt")
@@ -362,10 +388,82 @@ def prepare_completion(req: CompletionRequest, engine: Engine, settings: Setting
     sampling = _sampling(req, profile, len(tokens), settings, engine.plan.context_length)
     rid, created = _new("cmpl")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return Prepared(rid, req.model, created, tokens, sampling, None, False, include_usage)
+    return Prepared(rid, req.model, created, tokens, sampling, None, False, include_usage,
+                    _deadline(settings), generation)
 
 
 # -------------------------------------------------------------- rendering
+def finish_reason(reason: str) -> str:
+    """OpenAI's finish reason for an engine's: "stop" and "length" as they are; a cancelled
+    request (a client's cancel, a drain) is "stop", for OpenAI has no other word for it."""
+    return reason if reason in ("stop", "length") else "stop"
+
+
+def error_type(status: int) -> str:
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
+def job_error_body(err: JobError | AdmissionError) -> dict[str, Any]:
+    """The error object of a refused or failed request; its type follows its status."""
+    param = err.param if isinstance(err, AdmissionError) else None
+    return error_body(err.message, error_type(err.status), err.code, param)
+
+
+def validation_message(errors: SequenceT[Any]) -> tuple[str, str | None]:
+    """pydantic's errors as one line (``path: message; ...``) and the first field at fault."""
+    parts = []
+    first_param = None
+    for err in errors:
+        path = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        first_param = first_param or path or None
+        parts.append(f"{path or 'body'}: {err.get('msg')}")
+    return "; ".join(parts) or "invalid request", first_param
+
+
+def render_completion(p: Prepared, text: str, fin: Finish, chat: bool) -> dict[str, Any]:
+    """The whole answer; ValueError or KeyError when a guided output does not parse."""
+    render = chat_completion if chat else text_completion
+    return render(p, text, fin.reason, fin.prompt_tokens, fin.completion_tokens)
+
+
+def answer(p: Prepared, text: str, fin: Finish, chat: bool) -> dict[str, Any] | JobError:
+    """The whole answer, or a 500 when the guided output does not parse."""
+    try:
+        return render_completion(p, text, fin, chat)
+    except (ValueError, KeyError) as exc:
+        return JobError(500, "guidance_error", f"the guided output did not parse: {exc}")
+
+
+def delta_chunk(p: Prepared, text: str, chat: bool) -> dict[str, Any]:
+    if chat:
+        return chat_chunk(p, {"content": text}, None)
+    return text_chunk(p, text, None)
+
+
+def final_chunks(p: Prepared, fin: Finish, held: list[str], chat: bool
+                 ) -> list[dict[str, Any]]:
+    """The chunks that end a stream: a tool call (parsed from the ``held`` envelope) or the
+    held-back tail, the finish reason, and the usage when asked for."""
+    out = []
+    reason = finish_reason(fin.reason)
+    if p.tool_mode:
+        doc = chat_completion(p, "".join(held) + fin.tail, fin.reason, fin.prompt_tokens,
+                              fin.completion_tokens)
+        message = doc["choices"][0]["message"]
+        delta: dict[str, Any] = {"content": message.get("content")}
+        if message.get("tool_calls"):
+            delta["tool_calls"] = [dict(c, index=i) for i, c in
+                                   enumerate(message["tool_calls"])]
+        out.append(chat_chunk(p, delta, None))
+        reason = doc["choices"][0]["finish_reason"]
+    elif fin.tail:
+        out.append(delta_chunk(p, fin.tail, chat))
+    out.append(chat_chunk(p, {}, reason) if chat else text_chunk(p, "", reason))
+    if p.include_usage:
+        out.append(usage_chunk(p, fin.prompt_tokens, fin.completion_tokens))
+    return out
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
@@ -374,7 +472,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 def chat_completion(p: Prepared, text: str, reason: str, prompt_tokens: int,
                     completion_tokens: int) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text}
-    finish = reason if reason in ("stop", "length") else "stop"
+    finish = finish_reason(reason)
     if p.tool_mode and reason == "stop":
         content, calls = parse_tool_envelope(text)
         message = {"role": "assistant", "content": content}
@@ -405,8 +503,8 @@ def text_completion(p: Prepared, text: str, reason: str, prompt_tokens: int,
                     completion_tokens: int) -> dict[str, Any]:
     return {
         "id": p.id, "object": "text_completion", "created": p.created, "model": p.model,
-        "choices": [{"index": 0, "text": text, "finish_reason": reason
-                     if reason in ("stop", "length") else "stop", "logprobs": None}],
+        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason(reason),
+                     "logprobs": None}],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 

@@ -61,6 +61,16 @@ class Unavailable(AdmissionError):
     code = "unavailable"
 
 
+class ModelChanged(Unavailable):
+    code = "model_changed"
+
+    def __init__(self) -> None:
+        super().__init__(MODEL_CHANGED)
+
+
+MODEL_CHANGED = "the model changed after this request was prepared; retry"
+
+
 @dataclass
 class JobError:
     """A job that failed after admission: deadline passed (408) or an engine failure (500)."""
@@ -92,6 +102,8 @@ class Job:
     first_token: float | None = None
     cancelled: bool = False
     seq: Sequence | None = None
+    #: The engine generation that tokenized the prompt (None: any engine).
+    generation: int | None = None
 
 
 @dataclass
@@ -123,7 +135,10 @@ class Scheduler:
         self._cond = threading.Condition()
         self._accepting = True
         self._stop = False
-        self._pending_swap: tuple[Engine, Plan] | None = None
+        # Each engine has a generation; a job runs only on the one that tokenized it.
+        self._generations = itertools.count(1)
+        self._generation = 0
+        self._pending_swap: tuple[Engine, Plan, int] | None = None
         #: (time, jobs in the system) at each submit, for the last CONCURRENCY_MEMORY_S
         self._levels: collections.deque[tuple[float, int]] = collections.deque()
         #: time.monotonic() of the loop's last step or idle wait; the watchdog reads it
@@ -134,6 +149,15 @@ class Scheduler:
     @property
     def engine(self) -> Engine:
         return self._engine
+
+    def engine_for_new(self) -> tuple[Engine, int]:
+        """The engine a job prepared now will run on (the one a swap waits to bring in),
+        and its generation, for ``Job.generation``."""
+        with self._cond:
+            if self._pending_swap is not None:
+                engine, _, generation = self._pending_swap
+                return engine, generation
+            return self._engine, self._generation
 
     @property
     def alive(self) -> bool:
@@ -148,9 +172,9 @@ class Scheduler:
         return len(self._running)
 
     # ------------------------------------------------------------ admission
-    def check_prompt(self, prompt_len: int, max_tokens: int) -> None:
+    def check_prompt(self, prompt_len: int, max_tokens: int, plan: Plan | None = None) -> None:
         """400 with the numbers when a prompt or its total does not fit the plan."""
-        plan = self.plan
+        plan = plan or self.plan
         if prompt_len > plan.max_prompt_tokens:
             raise PromptTooLong(
                 f"the prompt has {prompt_len} tokens; this daemon accepts at most "
@@ -174,7 +198,11 @@ class Scheduler:
     def _admit(self, job: Job) -> None:
         if not self._accepting:
             raise Unavailable("the daemon is shutting down")
-        self.check_prompt(len(job.prompt_tokens), job.sampling.max_tokens)
+        with self._cond:
+            plan = self._plan_of(job)
+        if plan is None:
+            raise ModelChanged()
+        self.check_prompt(len(job.prompt_tokens), job.sampling.max_tokens, plan)
         headroom = self.plan.headroom_bytes
         avail = available_memory(self.settings.runtime.probe_root)
         if avail is not None and avail < headroom:
@@ -241,9 +269,11 @@ class Scheduler:
             self._thread.join(timeout=10)
 
     def swap_engine(self, engine: Engine, plan: Plan) -> None:
-        """Use a newly loaded engine once the running batch has finished on the old one."""
+        """Use a newly loaded engine once the jobs the old one tokenized have run on it:
+        those running and those ahead in the queue; jobs prepared from now on are for the
+        new one (``engine_for_new``)."""
         with self._cond:
-            self._pending_swap = (engine, plan)
+            self._pending_swap = (engine, plan, next(self._generations))
             self._cond.notify()
 
     def update_settings(self, settings: Settings) -> None:
@@ -253,6 +283,7 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
+                self._maybe_swap()
                 while not self._stop and not self._running and not self._queue_ready():
                     self.last_progress = time.monotonic()  # idle, nothing to do
                     self._cond.wait(timeout=1.0)
@@ -308,19 +339,35 @@ class Scheduler:
             self._levels.popleft()
         return max((n for _, n in self._levels), default=1)
 
+    def _plan_of(self, job: Job) -> Plan | None:
+        """The plan of the engine ``job`` was tokenized by; None when that engine is gone
+        (under the lock)."""
+        if job.generation is None or job.generation == self._generation:
+            return self.plan
+        if self._pending_swap is not None and job.generation == self._pending_swap[2]:
+            return self._pending_swap[1]
+        return None
+
+    def _runs_now(self, job: Job) -> bool:
+        """Whether ``job`` runs on the current engine (a job for a pending one waits)."""
+        return job.generation is None or job.generation == self._generation
+
     def _queue_ready(self) -> bool:
-        return bool(self._queue) and self._pending_swap is None
+        return bool(self._queue) and self._runs_now(self._queue[0])
 
     def _maybe_swap(self) -> None:
-        if self._pending_swap is not None and not self._running:
-            self._engine, self.plan = self._pending_swap
+        """Swap once the old engine has nothing running and nothing next in the queue."""
+        if (self._pending_swap is not None and not self._running
+                and not self._queue_ready()):
+            self._engine, self.plan, self._generation = self._pending_swap
             self._pending_swap = None
             log.info("scheduler now uses the reloaded engine")
 
     def _admit_from_queue(self) -> list[Job]:
         admitted: list[Job] = []
         now = time.monotonic()
-        if any(job.cancelled or now >= job.deadline for job in self._queue):
+        if any(job.cancelled or now >= job.deadline or self._plan_of(job) is None
+               for job in self._queue):
             waiting: collections.deque[Job] = collections.deque()
             for job in self._queue:
                 if job.cancelled:
@@ -328,12 +375,14 @@ class Scheduler:
                     self._deliver(job, Finish("cancelled", len(job.prompt_tokens), 0))
                 elif now >= job.deadline:
                     self._expire(job)
+                elif self._plan_of(job) is None:  # tokenized by an engine swapped out
+                    self.stats.errors["model_changed"] += 1
+                    self._deliver(job, JobError(503, "model_changed", MODEL_CHANGED))
                 else:
                     waiting.append(job)
             self._queue = waiting
-        if self._pending_swap is not None:
-            return admitted
-        while self._queue and len(self._running) + len(admitted) < self._engine.capacity:
+        while (self._queue and self._runs_now(self._queue[0])
+               and len(self._running) + len(admitted) < self._engine.capacity):
             admitted.append(self._queue.popleft())
         return admitted
 
