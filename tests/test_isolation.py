@@ -15,18 +15,17 @@ import numpy as np
 import pytest
 
 from edgeagent.daemon import Daemon
-from edgeagent.engine import Delta, Engine, Finish, Sampling, Sequence, StopMatcher
+from edgeagent.engine import Engine, Finish, Sampling
 from edgeagent.planner import ModelMeta, Plan, plan
 from edgeagent.probe import probe
 from edgeagent.scheduler import Item, Job, JobError, Scheduler
 from edgeagent.settings import LimitsSettings, RuntimeSettings, Settings
+from edgeagent.testing.fake_engine import LOSE, FakeEngine
 from tests.conftest import DaemonProc
 
 pytestmark = pytest.mark.model
 
 HICCUP = ("json_schema", '{"type": "hiccup"}')
-#: A guidance the fake engine drops without a Finish, as the engine once did.
-LOSE = ("lose", "")
 
 
 @pytest.fixture(scope="module")
@@ -62,52 +61,6 @@ def _job(sampling: Sampling, guidance: tuple[str, str] | None = None,
     out = Collector()
     tokens = prompt if prompt is not None else np.arange(10, 30, dtype=np.int32)
     return Job(tokens, sampling, out.sink, deadline=float("inf"), guidance=guidance), out
-
-
-class FakeEngine:
-    """What the scheduler sees of an engine, without a model: every step gives each held
-    sequence a token until its max_tokens. A step can be held on ``gate``; a sequence
-    with the LOSE guidance is dropped without a Finish."""
-
-    def __init__(self, the_plan: Plan) -> None:
-        self.plan = the_plan
-        self.capacity = 4
-        self.held: list[Sequence] = []
-        self.gate = threading.Event()
-        self.gate.set()
-        self.stepping = threading.Event()
-
-    @property
-    def active(self) -> int:
-        return len(self.held)
-
-    def start(self, prompt: np.ndarray, sampling: Sampling,
-              guidance: tuple[str, str] | None = None) -> Sequence:
-        seq = Sequence(np.asarray(prompt), sampling, guidance, sampling.max_tokens, None,
-                       StopMatcher(()), np.random.default_rng(0))
-        self.held.append(seq)
-        return seq
-
-    def cancel(self, seq: Sequence) -> None:
-        seq.cancel_requested = True
-
-    def holds(self, seq: Sequence) -> bool:
-        return seq in self.held
-
-    def step(self) -> list[tuple[Sequence, Delta | Finish]]:
-        self.stepping.set()
-        assert self.gate.wait(60), "the test never released the step"
-        out: list[tuple[Sequence, Delta | Finish]] = []
-        for seq in list(self.held):
-            if seq.guidance == LOSE or seq.cancel_requested:
-                self.held.remove(seq)
-                continue
-            seq.produced.append(7)
-            out.append((seq, Delta(7, "x")))
-            if len(seq.produced) >= seq.max_new:
-                self.held.remove(seq)
-                out.append((seq, Finish("length", len(seq.prompt), len(seq.produced))))
-        return out
 
 
 def _scheduler(engine: Engine | FakeEngine, the_plan: Plan,
