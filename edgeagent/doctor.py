@@ -100,7 +100,7 @@ def _state_dir(settings: Any) -> Result:
 def _broker(settings: Any, timeout: float = 5.0) -> Result | None:
     if settings.mqtt.url is None:
         return None
-    from edgeagent.transports.mqtt import broker_address, make_client
+    from edgeagent.bus import broker_address, make_client
 
     try:
         host, port = broker_address(settings.mqtt)

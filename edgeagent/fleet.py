@@ -28,6 +28,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edgeagent import bus
 from edgeagent.manifest import fsync_dir, write_json_atomic
 from edgeagent.planner import PlanError
 from edgeagent.settings import ConfigError, Settings, load_settings, merge_patch
@@ -214,12 +215,7 @@ class Fleet:
         return {f"fleet_{k}": v for k, v in self.stats.items()}
 
     def topics(self) -> dict[str, str]:
-        s = self.daemon.settings
-        out = {"device": f"{s.mqtt.topic_prefix}/{s.device_id}/config/desired",
-               "reported": f"{s.mqtt.topic_prefix}/{s.device_id}/config/reported"}
-        if s.fleet.group:
-            out["group"] = f"{s.mqtt.topic_prefix}/group/{s.fleet.group}/config/desired"
-        return out
+        return bus.config_topics(self.daemon.settings)
 
     def on_message(self, topic: str, payload: bytes, publish: Any) -> None:
         """From the MQTT thread: hand the push to the event loop, one at a time."""
@@ -380,7 +376,7 @@ def push_main(url: str, target: str, is_group: bool, file: Path, sign_key: Path 
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from edgeagent.transports.mqtt import broker_address
+    from edgeagent.bus import broker_address
 
     doc = json.loads(file.read_text(encoding="utf-8"))
     wanted = {"group" if is_group else "device": target}

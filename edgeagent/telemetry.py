@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import structlog
 
-from edgeagent import __version__
+from edgeagent import __version__, bus
 from edgeagent.manifest import manifest_summary, write_text_atomic
 from edgeagent.probe import probe
 from edgeagent.settings import existing_ancestor
@@ -54,8 +54,7 @@ class Telemetry:
 
     @property
     def topic(self) -> str:
-        s = self.daemon.settings
-        return f"{s.mqtt.topic_prefix}/{s.device_id}/telemetry"
+        return bus.telemetry_topic(self.daemon.settings)
 
     @property
     def buffered(self) -> int:

@@ -36,7 +36,7 @@ def _counter(d: DaemonProc, name: str) -> float:
 
 # ------------------------------------------------------------------ mqtt.reply_topics
 def test_reply_topics_default_and_placeholders() -> None:
-    from edgeagent.transports.mqtt import reply_filters
+    from edgeagent.bus import reply_filters
 
     s = Settings(device_id="gw-7", mqtt={"topic_prefix": "plant"})
     assert reply_filters(s) == ["plant/clients/#", "replies/#"]

@@ -36,20 +36,18 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
 import structlog
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import Field, ValidationError
 
 from edgeagent import protocol
+from edgeagent.bus import broker_address, make_client, reply_filters, topics
 from edgeagent.engine import Delta, Finish
 from edgeagent.scheduler import AdmissionError, Item, Job, JobError
-from edgeagent.settings import MqttSettings, Settings, read_secret
 
 if TYPE_CHECKING:
     from edgeagent.daemon import Daemon
@@ -75,59 +73,6 @@ class MqttChatRequest(protocol.ChatCompletionRequest):
                                  description="Reply topic when there is no Response Topic.")
     deadline: float | None = Field(default=None,
                                    description="Unix time after which not to answer.")
-
-
-def topics(settings: Settings) -> dict[str, str]:
-    base = f"{settings.mqtt.topic_prefix}/{settings.device_id}"
-    out = {"status": f"{base}/status", "request": f"{base}/request",
-           "cancel": f"{base}/cancel"}
-    if settings.fleet.group:
-        g = settings.fleet.group
-        out["fleet"] = f"$share/{g}/{settings.mqtt.topic_prefix}/fleet/{g}/request"
-        out["fleet_topic"] = f"{settings.mqtt.topic_prefix}/fleet/{g}/request"
-    return out
-
-
-def reply_filters(settings: Settings) -> list[str]:
-    """``mqtt.reply_topics`` with ``{prefix}`` and ``{device}`` filled in."""
-    return [f.replace("{prefix}", settings.mqtt.topic_prefix).replace("{device}",
-                                                                     settings.device_id)
-            for f in settings.mqtt.reply_topics]
-
-
-def make_client(settings: Settings, client_id: str | None = None,
-                manual_ack: bool = False, persistent: bool = True,
-                reconnect: bool = False) -> mqtt.Client:
-    """A paho client configured from the settings: protocol, credentials, TLS.
-    ``persistent=False`` asks MQTT 3.1.1 for a clean session (MQTT 5 asks at connect);
-    ``reconnect`` lets paho's loop reconnect on its own."""
-    m = settings.mqtt
-    url = urlparse(m.url or "")
-    v5 = m.protocol == "5"
-    client = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=client_id or m.client_id or settings.device_id,
-        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-        clean_session=None if v5 else not persistent,
-        reconnect_on_failure=reconnect,
-        manual_ack=manual_ack,
-    )
-    password = read_secret("mqtt_password", m.password_file)
-    if m.username is not None or password is not None:
-        client.username_pw_set(m.username, password)
-    if url.scheme == "mqtts":
-        ctx = ssl.create_default_context(cafile=str(m.ca_file) if m.ca_file else None)
-        if m.cert_file is not None:
-            ctx.load_cert_chain(str(m.cert_file), str(m.key_file) if m.key_file else None)
-        client.tls_set_context(ctx)
-    return client
-
-
-def broker_address(m: MqttSettings) -> tuple[str, int]:
-    url = urlparse(m.url or "")
-    if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
-        raise ValueError(f"mqtt.url must be mqtt://host:port or mqtts://host:port, not {m.url!r}")
-    return url.hostname, url.port or (8883 if url.scheme == "mqtts" else 1883)
 
 
 @dataclass

@@ -14,9 +14,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edgeagent.bus import broker_address, client_reply_topic, make_client, topics
 from edgeagent.client import request_body
 from edgeagent.settings import ConfigError, load_settings
-from edgeagent.transports.mqtt import broker_address, make_client, topics
 
 
 def ask_mqtt(args: argparse.Namespace) -> int:
@@ -36,7 +36,7 @@ def ask_mqtt(args: argparse.Namespace) -> int:
         return 2
     request_topic = topics(settings)["request"]
     token = uuid.uuid4().hex
-    reply_topic = f"{settings.mqtt.topic_prefix}/clients/{token}/reply"
+    reply_topic = client_reply_topic(settings.mqtt.topic_prefix, token)
     stream = not args.no_stream
     body = request_body(args, stream)
 
