@@ -31,9 +31,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from edgeagent.testing.broker import Broker, Requester  # noqa: E402
+from edgeagent.testing.daemon import DaemonProc, running_daemon  # noqa: E402
 
-from scripts.bench import Daemon  # noqa: E402
-from tests.broker import Broker, Requester  # noqa: E402
+DEVICE = "soak"
 
 PROMPTS = ["Name a colour.", "Say hello.", "Count to five.", "What is 2 + 2?",
            "Name a river.", "Write one word."]
@@ -54,7 +55,7 @@ def daemon_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def http_worker(d: Daemon, stop: threading.Event, counts: dict[str, int], seed: int) -> None:
+def http_worker(d: DaemonProc, stop: threading.Event, counts: dict[str, int], seed: int) -> None:
     rnd = random.Random(seed)
     with d.client() as c:
         while not stop.is_set():
@@ -85,16 +86,16 @@ def mqtt_worker(broker: Broker, stop: threading.Event, counts: dict[str, int],
             kind = rnd.choice(["plain", "stream", "cancel", "bad"])
             rid = os.urandom(6).hex()
             if kind == "bad":
-                r.publish("edgeagent/bench/request", rnd.choice(BAD), correlation=rid.encode())
+                r.publish(f"edgeagent/{DEVICE}/request", rnd.choice(BAD), correlation=rid.encode())
                 r.get(60)
             else:
                 body: dict[str, Any] = {
                     "messages": [{"role": "user", "content": rnd.choice(PROMPTS)}],
                     "max_tokens": 16, "stream": kind != "plain", "id": rid}
-                r.request("edgeagent/bench/request", body, correlation=rid.encode())
+                r.request(f"edgeagent/{DEVICE}/request", body, correlation=rid.encode())
                 if kind == "cancel":
                     r.get(60)
-                    r.publish("edgeagent/bench/cancel", json.dumps({"id": rid}),
+                    r.publish(f"edgeagent/{DEVICE}/cancel", json.dumps({"id": rid}),
                               response=False)
                 r.until_final(60)
             counts[f"mqtt_{kind}"] = counts.get(f"mqtt_{kind}", 0) + 1
@@ -102,40 +103,34 @@ def mqtt_worker(broker: Broker, stop: threading.Event, counts: dict[str, int],
         r.close()
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=60)
-    ap.add_argument("--long", action="store_true", help="a one-hour soak (--seconds 3600)")
-    ap.add_argument("--warmup", type=float, default=None, help="default: a fifth of the run")
-    ap.add_argument("--clients", type=int, default=3, help="HTTP client threads")
-    ap.add_argument("--mqtt-clients", type=int, default=2)
-    ap.add_argument("--max-growth-mb", type=float, default=5.0)
-    ap.add_argument("--model", type=Path, default=None)
-    args = ap.parse_args()
-    from edgeagent.settings import Settings
+def warm_up(d: DaemonProc) -> None:
+    """Full batches first, so the engine's largest buffers exist before the measurement
+    (allocations that then stay are not growth)."""
+    def one(i: int) -> None:
+        body = {"messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                "max_tokens": 16, "stream": True}
+        with d.client() as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
+            for _ in r.iter_lines():
+                pass
 
-    if args.long:
-        args.seconds = 3600.0
-    model = args.model or Settings().model_path
-    broker = Broker(Path(tempfile.mkdtemp(prefix="soak-mq-", dir="/tmp")))
-    broker.start()
-    d = Daemon(model, 1024, broker.url)
+    for _ in range(3):
+        burst = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+        for t in burst:
+            t.start()
+        for t in burst:
+            t.join(120)
+
+
+def soak(d: DaemonProc, broker: Broker, args: argparse.Namespace) -> dict[str, Any]:
+    """Mixed traffic for ``args.seconds``, the daemon's RSS and descriptors sampled each
+    second; the report."""
     stop = threading.Event()
     counts: dict[str, int] = {}
     threads = [threading.Thread(target=http_worker, args=(d, stop, counts, i))
                for i in range(args.clients)]
     threads += [threading.Thread(target=mqtt_worker, args=(broker, stop, counts, 100 + i))
                 for i in range(args.mqtt_clients)]
-    # Warm-up burst: full batches first, so the engine's largest buffers exist before the
-    # measurement (allocations that then stay are not growth).
-    for _ in range(3):
-        burst = [threading.Thread(target=lambda i=i: d.stream(
-            [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], 16)) for i in range(4)]
-        for t in burst:
-            t.start()
-        for t in burst:
-            t.join(120)
+    warm_up(d)
     warmup = args.warmup if args.warmup is not None else args.seconds / 5
     samples: list[tuple[float, float, int]] = []
     start = time.monotonic()
@@ -155,9 +150,7 @@ def main() -> int:
     growth = rss_growth([s[1] for s in after])
     fds_growth = (after[-1][2] - after[0][2]) if after else 0
     alive = d.proc.poll() is None
-    d.stop()
-    broker.stop()
-    report = {
+    return {
         "seconds": args.seconds, "requests": counts, "total": sum(counts.values()),
         "rss_mb_first_after_warmup": after[0][1] if after else None,
         "rss_mb_max": max(s[1] for s in samples) if samples else None,
@@ -166,9 +159,37 @@ def main() -> int:
         "active_sequences_at_end": serving["active_sequences"],
         "queue_depth_at_end": serving["queue_depth"], "daemon_alive": alive,
     }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--long", action="store_true", help="a one-hour soak (--seconds 3600)")
+    ap.add_argument("--warmup", type=float, default=None, help="default: a fifth of the run")
+    ap.add_argument("--clients", type=int, default=3, help="HTTP client threads")
+    ap.add_argument("--mqtt-clients", type=int, default=2)
+    ap.add_argument("--max-growth-mb", type=float, default=5.0)
+    ap.add_argument("--model", type=Path, default=None)
+    args = ap.parse_args()
+    from edgeagent.settings import Settings
+
+    if args.long:
+        args.seconds = 3600.0
+    model = args.model or Settings().model_path
+    workdir = Path(tempfile.mkdtemp(prefix="soak-", dir="/tmp"))
+    broker = Broker(workdir / "broker")
+    broker.start()
+    try:
+        with running_daemon(workdir, model, "[runtime]\ncontext_length = 1024\n"
+                            f'[mqtt]\nurl = "{broker.url}"\n', device_id=DEVICE) as d:
+            report = soak(d, broker, args)
+    finally:
+        broker.stop()
     print(json.dumps(report, indent=1))
-    ok = (alive and growth <= args.max_growth_mb and fds_growth <= 2
-          and serving["active_sequences"] == 0 and serving["queue_depth"] == 0)
+    ok = (report["daemon_alive"] and report["rss_growth_after_warmup_mb"] <= args.max_growth_mb
+          and report["fd_growth"] <= 2 and report["active_sequences_at_end"] == 0
+          and report["queue_depth_at_end"] == 0)
     return 0 if ok else 1
 
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,3 +148,22 @@ def reap(d: DaemonProc) -> None:
         d.proc.kill()
         d.proc.wait(timeout=30)
     d.notify.close()
+
+
+@contextmanager
+def running_daemon(workdir: Path, model: Path, extra_toml: str = "", name: str = "d",
+                   device_id: str | None = None, log_level: str = "warning",
+                   timeout: float = 180.0) -> Iterator[DaemonProc]:
+    """A ready daemon for a script (bench, soak) with everything in ``workdir`` (keep it
+    short: the sockets are there too), stopped with SIGTERM and reaped at the end. It logs
+    warnings only: a debug line per token would weigh on what a script measures."""
+    d = launch_daemon(workdir, workdir, model, extra_toml, name=name, log_level=log_level,
+                      device_id=device_id)
+    try:
+        d.wait_ready(timeout)
+        yield d
+    finally:
+        try:
+            d.stop()
+        finally:
+            reap(d)
