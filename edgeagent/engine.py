@@ -32,7 +32,7 @@ import onnxruntime_genai as og
 import structlog
 
 from edgeagent.manifest import read_genai_config
-from edgeagent.planner import Plan, genai_overlay
+from edgeagent.planner import Plan
 
 log = structlog.get_logger(__name__)
 
@@ -216,6 +216,17 @@ class _Batch:
         self.fed = min(end, self.prompt.shape[1])
 
 
+def genai_overlay(plan: Plan) -> dict[str, Any]:
+    """The plan as an onnxruntime-genai config overlay (``og.Config.overlay()``): threads and
+    the sequence length its KV cache is allocated for."""
+    return {
+        "model": {
+            "decoder": {"session_options": {"intra_op_num_threads": plan.threads}},
+        },
+        "search": {"max_length": plan.context_length},
+    }
+
+
 class Engine:
     """An onnxruntime-genai model loaded under a plan, batching on ``og.Generator``.
 
@@ -247,21 +258,16 @@ class Engine:
         self.check_guidance(("json_schema", '{"type": "object"}'), Sampling())
 
     # ------------------------------------------------------------------ text
-    def chat_prompt(
-        self, messages: SequenceT[dict[str, Any]], tools: SequenceT[dict[str, Any]] | None = None
-    ) -> str:
-        """The model's own chat template, with the generation prompt appended."""
+    def chat_prompt(self, messages: SequenceT[dict[str, Any]]) -> str:
+        """The model's own chat template, with the generation prompt appended. (Tools reach
+        the model as a system note, protocol.py, not through the template.)"""
         return str(
             self.tokenizer.apply_chat_template(
-                json.dumps(list(messages)),
-                tools=json.dumps(list(tools)) if tools else None,
-                add_generation_prompt=True,
+                json.dumps(list(messages)), add_generation_prompt=True
             )
         )
 
-    def chat_tokens(
-        self, messages: SequenceT[dict[str, Any]], tools: SequenceT[dict[str, Any]] | None = None
-    ) -> np.ndarray:
+    def chat_tokens(self, messages: SequenceT[dict[str, Any]]) -> np.ndarray:
         """The chat prompt's tokens, client text kept as text.
 
         A message's content is a string or a list of strings; :class:`Plain` ones are client
@@ -280,7 +286,7 @@ class Engine:
 
         rendered = [{**m, "content": "".join(mark(part) for part in _parts(m.get("content")))}
                     for m in messages]
-        pieces = re.split(f"\ue000{nonce}:(\\d+)\ue001", self.chat_prompt(rendered, tools))
+        pieces = re.split(f"\ue000{nonce}:(\\d+)\ue001", self.chat_prompt(rendered))
         ids: list[int] = []
         for i, piece in enumerate(pieces):  # template, index of a Plain, template, ...
             ids.extend(self.encode_plain(plain[int(piece)]) if i % 2 else self.encode(piece))
@@ -307,9 +313,6 @@ class Engine:
             pos = match.end()
         ids.extend(int(t) for t in self.encode(text[pos:]))
         return ids
-
-    def decode(self, tokens: SequenceT[int] | np.ndarray) -> str:
-        return str(self.tokenizer.decode(np.asarray(tokens, dtype=np.int32)))
 
     # ------------------------------------------------------------ guidance
     def check_guidance(self, guidance: tuple[str, str], sampling: Sampling) -> None:

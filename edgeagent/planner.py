@@ -289,20 +289,10 @@ class Plan:
         return "\n".join(lines)
 
 
-def genai_overlay(plan: Plan) -> dict[str, Any]:
-    """The onnxruntime-genai config overlay for ``og.Config.overlay()``."""
-    return {
-        "model": {
-            "decoder": {"session_options": {"intra_op_num_threads": plan.threads}},
-        },
-        "search": {"max_length": plan.context_length},
-    }
-
-
 # --------------------------------------------------------------------------- planning
 
 
-def _choose_threads(hw: Hardware, runtime: RuntimeSettings) -> tuple[int, str]:
+def choose_threads(hw: Hardware, runtime: RuntimeSettings) -> tuple[int, str]:
     allowed = len(hw.affinity) if hw.affinity else None
     quota = hw.cpu_quota_threads
     facts: list[str] = []
@@ -411,21 +401,29 @@ def _largest_batch(room: int, meta: ModelMeta, context: int, cap: int) -> int:
     return next((b for b in range(most, 0, -1) if _need(meta, context, b) <= room), 0)
 
 
-def plan(
-    hw: Hardware, meta: ModelMeta, runtime: RuntimeSettings, limits: LimitsSettings
-) -> Plan:
-    """Size the runtime to this machine; raises PlanError when the settings cannot fit.
+@dataclass(frozen=True)
+class MemoryBudget:
+    """What the plan may spend: ``available`` bytes in all, of which ``room`` is left for
+    the KV cache and prefill once the weights and the headroom are counted."""
 
-    Automatic choices, in order: threads from the CPUs; then, when both context and batch
-    are automatic, the batch shrinks first (down to 1) to keep the full context
-    (min(model limit, runtime.auto_context_cap)), and only then does the context shrink, in
-    steps of 256 tokens. Explicit settings always win, but are checked against the model, the
-    memory budget and (threads) the CPUs this process may use.
-    """
-    reasons: dict[str, str] = {}
-    threads, reasons["threads"] = _choose_threads(hw, runtime)
+    available: int
+    #: Where ``available`` comes from (the plan's reasons["memory"]).
+    source: str
+    headroom: int
+    room: int
+    #: "after the <weights> of weights and <headroom> headroom out of <available> ...":
+    #: the account the error messages and reasons quote.
+    after: str
 
-    # ---- memory available
+    @property
+    def left(self) -> str:
+        return (f"only {_fmt(self.room)} are left {self.after}" if self.room > 0
+                else f"nothing is left {self.after}")
+
+
+def memory_budget(hw: Hardware, meta: ModelMeta, runtime: RuntimeSettings) -> MemoryBudget:
+    """The probe's effective available memory (or the total when that is unknown), less
+    the weights and ``runtime.memory_headroom_mb``."""
     headroom = runtime.memory_headroom_mb * MB
     effective = hw.effective_available_bytes
     if effective is not None:
@@ -434,40 +432,41 @@ def plan(
             hw.mem_available_bytes is None or available < hw.mem_available_bytes
         ):
             in_use = hw.cgroup_memory_limit_bytes - available
-            memory_source = (
+            source = (
                 f"cgroup limit {_fmt(hw.cgroup_memory_limit_bytes)} less {_fmt(in_use)} in use"
             )
         else:
-            memory_source = "MemAvailable"
+            source = "MemAvailable"
             if hw.cgroup_memory_limit_bytes is not None:
-                memory_source += f"; cgroup limit {_fmt(hw.cgroup_memory_limit_bytes)} not binding"
+                source += f"; cgroup limit {_fmt(hw.cgroup_memory_limit_bytes)} not binding"
     elif hw.mem_total_bytes is not None:
         available = hw.mem_total_bytes
-        memory_source = "MemTotal: available memory unknown"
+        source = "MemTotal: available memory unknown"
     else:
         raise PlanError(
             "cannot plan: neither the available nor the total memory of this machine is known "
             "(/proc/meminfo unreadable)"
         )
-    room = available - meta.weights_bytes - headroom  # for KV cache and prefill
     after = (
         f"after the {_fmt(meta.weights_bytes)} of weights and {_fmt(headroom)} headroom "
-        f"out of {_fmt(available)} available ({memory_source})"
+        f"out of {_fmt(available)} available ({source})"
     )
-    left = (
-        f"only {_fmt(room)} are left {after}"
-        if room > 0
-        else f"nothing is left {after}"
-    )
+    return MemoryBudget(available, source, headroom,
+                        available - meta.weights_bytes - headroom, after)
 
-    # ---- model-side limits and explicit values
-    ceiling = min(meta.max_context, runtime.auto_context_cap)
-    ceiling_why = (
-        f"the model's limit {meta.max_context}"
-        if meta.max_context <= runtime.auto_context_cap
-        else f"runtime.auto_context_cap={runtime.auto_context_cap}, below the model's "
+
+def context_ceiling(meta: ModelMeta, runtime: RuntimeSettings) -> tuple[int, str]:
+    """The largest automatic context, and why: the model's limit or runtime.auto_context_cap."""
+    if meta.max_context <= runtime.auto_context_cap:
+        return meta.max_context, f"the model's limit {meta.max_context}"
+    return runtime.auto_context_cap, (
+        f"runtime.auto_context_cap={runtime.auto_context_cap}, below the model's "
         f"{meta.max_context}"
     )
+
+
+def _check_explicit(meta: ModelMeta, runtime: RuntimeSettings) -> None:
+    """An explicit context or batch that no memory could make work."""
     if runtime.context_length != "auto":
         ctx = runtime.context_length
         if ctx < 2:
@@ -482,133 +481,173 @@ def plan(
             f"runtime.max_batch={runtime.max_batch} must be at least 1 (or \"auto\")"
         )
 
-    def no_room(what: str, context: int, batch: int) -> PlanError:
-        need = _need(meta, context, batch)
-        return PlanError(
-            f"{what} needs {_fmt(need)}: KV cache ({meta.kv_bytes_per_token} B/token x "
-            f"{context} tokens x {batch}) and prefill memory "
-            f"({_fmt(need - meta.kv_bytes_per_token * context * batch)}), but {left}"
-        )
 
-    # ---- context and batch
-    if runtime.context_length != "auto" and runtime.max_batch != "auto":
-        ctx, batch = runtime.context_length, runtime.max_batch
-        if _need(meta, ctx, batch) > room:
-            raise PlanError(
-                str(no_room(f"runtime.context_length={ctx} with runtime.max_batch={batch}", ctx,
-                            batch))
-                + "; lower runtime.context_length or runtime.max_batch"
-            )
-        reasons["context_length"] = f"runtime.context_length (fits with max_batch={batch})"
-        reasons["max_batch"] = "runtime.max_batch (fits in memory)"
-    elif runtime.context_length != "auto":
-        ctx = runtime.context_length
-        batch = _largest_batch(room, meta, ctx, runtime.auto_max_batch_cap)
-        if batch == 0:
-            raise PlanError(
-                str(no_room(f"runtime.context_length={ctx} even with max_batch=1", ctx, 1))
-                + "; lower runtime.context_length"
-            )
-        reasons["context_length"] = f"runtime.context_length (fits with max_batch={batch})"
-        reasons["max_batch"] = (
-            f"auto: runtime.auto_max_batch_cap={batch}"
-            if batch == runtime.auto_max_batch_cap
-            else f"auto: memory-limited to {batch} of runtime.auto_max_batch_cap="
-            f"{runtime.auto_max_batch_cap} at {ctx} tokens ({_fmt(room)} are left {after})"
-        )
-    elif runtime.max_batch != "auto":
-        batch = runtime.max_batch
-        ctx = _largest_context(room, meta, batch, ceiling)
-        if ctx == 0:
-            smallest = min(ceiling, CONTEXT_GRANULARITY)
-            raise PlanError(
-                str(no_room(f"runtime.max_batch={batch} at the smallest context ({smallest})",
-                            smallest, batch))
-                + "; lower runtime.max_batch, free memory or lower runtime.memory_headroom_mb"
-            )
-        reasons["max_batch"] = "runtime.max_batch (fits in memory)"
-        reasons["context_length"] = (
-            f"auto: {ceiling_why}"
-            if ctx == ceiling
-            else f"auto: memory-limited to {ctx} tokens with max_batch={batch} "
-            f"({ceiling_why} would need {_fmt(_need(meta, ceiling, batch))} of KV cache and "
-            f"logits; {_fmt(room)} are left {after})"
-        )
-    else:
-        cap = runtime.auto_max_batch_cap
-        full = _largest_context(room, meta, 1, ceiling) == ceiling
-        if full:
-            batch = _largest_batch(room, meta, ceiling, cap)
-            ctx = ceiling
-            reasons["context_length"] = f"auto: {ceiling_why}"
-            reasons["max_batch"] = (
-                f"auto: runtime.auto_max_batch_cap={cap}"
-                if batch == cap
-                else f"auto: memory-limited to {batch} of runtime.auto_max_batch_cap={cap} "
-                f"(the batch shrinks before the context; {_fmt(room)} are left {after})"
-            )
-        else:
-            batch = 1
-            ctx = _largest_context(room, meta, 1, ceiling)
-            if ctx == 0:
-                smallest = min(ceiling, CONTEXT_GRANULARITY)
-                total = meta.weights_bytes + _need(meta, smallest, 1) + headroom
-                raise PlanError(
-                    f"model {meta.name} does not fit: {_fmt(meta.weights_bytes)} of weights + "
-                    f"{_fmt(_need(meta, smallest, 1))} of KV cache and prefill memory for "
-                    f"{smallest} tokens + {_fmt(headroom)} headroom = {_fmt(total)}, but only "
-                    f"{_fmt(available)} are available ({memory_source}); free memory, raise the "
-                    "cgroup memory limit, lower runtime.memory_headroom_mb or use a smaller model"
-                )
-            reasons["max_batch"] = (
-                f"auto: memory-limited to 1 sequence (cap {cap}; the batch shrinks before "
-                "the context)"
-            )
-            reasons["context_length"] = (
-                f"auto: memory-limited to {ctx} tokens ({ceiling_why} would need "
-                f"{_fmt(_need(meta, ceiling, 1))} of KV cache and prefill memory; {_fmt(room)} "
-                f"are left {after})"
-            )
+def _no_room(meta: ModelMeta, budget: MemoryBudget, what: str, context: int, batch: int,
+             fix: str) -> PlanError:
+    need = _need(meta, context, batch)
+    return PlanError(
+        f"{what} needs {_fmt(need)}: KV cache ({meta.kv_bytes_per_token} B/token x "
+        f"{context} tokens x {batch}) and prefill memory "
+        f"({_fmt(need - meta.kv_bytes_per_token * context * batch)}), but {budget.left}"
+        f"; {fix}"
+    )
 
-    # ---- prompt limit
+
+#: (context length, max_batch, their reasons)
+Sizing = tuple[int, int, dict[str, str]]
+
+
+def _both_explicit(meta: ModelMeta, budget: MemoryBudget, ctx: int, batch: int) -> Sizing:
+    if _need(meta, ctx, batch) > budget.room:
+        raise _no_room(meta, budget, f"runtime.context_length={ctx} with runtime.max_batch="
+                       f"{batch}", ctx, batch, "lower runtime.context_length or runtime.max_batch")
+    return ctx, batch, {
+        "context_length": f"runtime.context_length (fits with max_batch={batch})",
+        "max_batch": "runtime.max_batch (fits in memory)",
+    }
+
+
+def _explicit_context(meta: ModelMeta, budget: MemoryBudget, ctx: int, cap: int) -> Sizing:
+    """The largest batch up to runtime.auto_max_batch_cap (``cap``) at ``ctx`` tokens."""
+    batch = _largest_batch(budget.room, meta, ctx, cap)
+    if batch == 0:
+        raise _no_room(meta, budget, f"runtime.context_length={ctx} even with max_batch=1",
+                       ctx, 1, "lower runtime.context_length")
+    return ctx, batch, {
+        "context_length": f"runtime.context_length (fits with max_batch={batch})",
+        "max_batch": f"auto: runtime.auto_max_batch_cap={batch}" if batch == cap
+        else f"auto: memory-limited to {batch} of runtime.auto_max_batch_cap={cap} at {ctx} "
+        f"tokens ({_fmt(budget.room)} are left {budget.after})",
+    }
+
+
+def _explicit_batch(meta: ModelMeta, runtime: RuntimeSettings, budget: MemoryBudget,
+                    batch: int) -> Sizing:
+    """The largest context up to the ceiling at ``batch`` sequences."""
+    ceiling, ceiling_why = context_ceiling(meta, runtime)
+    ctx = _largest_context(budget.room, meta, batch, ceiling)
+    if ctx == 0:
+        smallest = min(ceiling, CONTEXT_GRANULARITY)
+        raise _no_room(meta, budget, f"runtime.max_batch={batch} at the smallest context "
+                       f"({smallest})", smallest, batch,
+                       "lower runtime.max_batch, free memory or lower runtime.memory_headroom_mb")
+    return ctx, batch, {
+        "max_batch": "runtime.max_batch (fits in memory)",
+        "context_length": f"auto: {ceiling_why}" if ctx == ceiling
+        else f"auto: memory-limited to {ctx} tokens with max_batch={batch} ({ceiling_why} "
+        f"would need {_fmt(_need(meta, ceiling, batch))} of KV cache and logits; "
+        f"{_fmt(budget.room)} are left {budget.after})",
+    }
+
+
+def _both_auto(meta: ModelMeta, runtime: RuntimeSettings, budget: MemoryBudget) -> Sizing:
+    """The full context (the ceiling) with the largest batch that fits; when not even one
+    sequence fits at the full context, one sequence with the largest context that fits."""
+    cap = runtime.auto_max_batch_cap
+    ceiling, ceiling_why = context_ceiling(meta, runtime)
+    if _largest_context(budget.room, meta, 1, ceiling) == ceiling:
+        batch = _largest_batch(budget.room, meta, ceiling, cap)
+        return ceiling, batch, {
+            "context_length": f"auto: {ceiling_why}",
+            "max_batch": f"auto: runtime.auto_max_batch_cap={cap}" if batch == cap
+            else f"auto: memory-limited to {batch} of runtime.auto_max_batch_cap={cap} (the "
+            f"batch shrinks before the context; {_fmt(budget.room)} are left {budget.after})",
+        }
+    ctx = _largest_context(budget.room, meta, 1, ceiling)
+    if ctx == 0:
+        smallest = min(ceiling, CONTEXT_GRANULARITY)
+        need = _need(meta, smallest, 1)
+        total = meta.weights_bytes + need + budget.headroom
+        raise PlanError(
+            f"model {meta.name} does not fit: {_fmt(meta.weights_bytes)} of weights + "
+            f"{_fmt(need)} of KV cache and prefill memory for {smallest} tokens + "
+            f"{_fmt(budget.headroom)} headroom = {_fmt(total)}, but only "
+            f"{_fmt(budget.available)} are available ({budget.source}); free memory, raise the "
+            "cgroup memory limit, lower runtime.memory_headroom_mb or use a smaller model"
+        )
+    return ctx, 1, {
+        "max_batch": f"auto: memory-limited to 1 sequence (cap {cap}; the batch shrinks "
+        "before the context)",
+        "context_length": f"auto: memory-limited to {ctx} tokens ({ceiling_why} would need "
+        f"{_fmt(_need(meta, ceiling, 1))} of KV cache and prefill memory; "
+        f"{_fmt(budget.room)} are left {budget.after})",
+    }
+
+
+def context_and_batch(meta: ModelMeta, runtime: RuntimeSettings, budget: MemoryBudget
+                      ) -> Sizing:
+    """Context length and max_batch within the budget: explicit values are checked, automatic
+    ones are as large as fit (the batch shrinks first, down to 1, to keep the context)."""
+    _check_explicit(meta, runtime)
+    ctx, batch = runtime.context_length, runtime.max_batch
+    if ctx != "auto" and batch != "auto":
+        return _both_explicit(meta, budget, ctx, batch)
+    if ctx != "auto":
+        return _explicit_context(meta, budget, ctx, runtime.auto_max_batch_cap)
+    if batch != "auto":
+        return _explicit_batch(meta, runtime, budget, batch)
+    return _both_auto(meta, runtime, budget)
+
+
+def prompt_limit(limits: LimitsSettings, ctx: int) -> tuple[int, str]:
+    """The longest prompt, and why: the context less limits.min_output_tokens (at least half
+    the context), or limits.max_prompt_tokens, which must leave room for output."""
     if limits.max_prompt_tokens == "auto":
         max_prompt = max(ctx - limits.min_output_tokens, ctx // 2)
-        reasons["max_prompt_tokens"] = (
+        return max_prompt, (
             f"auto: context {ctx} less limits.min_output_tokens={limits.min_output_tokens}"
             if max_prompt == ctx - limits.min_output_tokens
             else f"auto: half the context {ctx} (limits.min_output_tokens="
             f"{limits.min_output_tokens} would leave less)"
         )
-    else:
-        max_prompt = limits.max_prompt_tokens
-        if not 1 <= max_prompt < ctx:
-            raise PlanError(
-                f"limits.max_prompt_tokens={max_prompt} must be at least 1 and below the context "
-                f"length {ctx}, to leave room for output; lower limits.max_prompt_tokens"
-            )
-        reasons["max_prompt_tokens"] = f"limits.max_prompt_tokens (context {ctx})"
+    max_prompt = limits.max_prompt_tokens
+    if not 1 <= max_prompt < ctx:
+        raise PlanError(
+            f"limits.max_prompt_tokens={max_prompt} must be at least 1 and below the context "
+            f"length {ctx}, to leave room for output; lower limits.max_prompt_tokens"
+        )
+    return max_prompt, f"limits.max_prompt_tokens (context {ctx})"
 
+
+def plan(
+    hw: Hardware, meta: ModelMeta, runtime: RuntimeSettings, limits: LimitsSettings
+) -> Plan:
+    """Size the runtime to this machine; raises PlanError when the settings cannot fit.
+
+    The steps, in order: threads from the CPUs (:func:`choose_threads`); the memory budget
+    (:func:`memory_budget`); context and batch (:func:`context_and_batch`): when both are
+    automatic, the batch shrinks first (down to 1) to keep the full context
+    (min(model limit, runtime.auto_context_cap)), and only then does the context shrink, in
+    steps of 256 tokens; the prompt limit (:func:`prompt_limit`). Explicit settings always
+    win, but are checked against the model, the memory budget and (threads) the CPUs this
+    process may use.
+    """
+    reasons: dict[str, str] = {}
+    threads, reasons["threads"] = choose_threads(hw, runtime)
+    budget = memory_budget(hw, meta, runtime)
+    ctx, batch, sizing = context_and_batch(meta, runtime, budget)
+    reasons.update(sizing)
+    max_prompt, reasons["max_prompt_tokens"] = prompt_limit(limits, ctx)
     reasons["provider"] = "runtime.provider"
+    reasons["memory"] = budget.source
     kv = meta.kv_bytes_per_token * ctx * batch
     logits = _logits_bytes(meta, batch)
     attention = _attention_bytes(meta, batch, ctx)
-    total = meta.weights_bytes + kv + logits + attention + headroom
-    reasons["memory"] = memory_source
     return Plan(
         threads=threads,
         context_length=ctx,
         max_batch=batch,
         provider=runtime.provider,
         max_prompt_tokens=max_prompt,
-        available_bytes=available,
+        available_bytes=budget.available,
         weights_bytes=meta.weights_bytes,
         kv_bytes_per_token=meta.kv_bytes_per_token,
         kv_bytes=kv,
         prefill_chunk=prefill_chunk(meta, batch),
         logits_bytes=logits,
         attention_bytes=attention,
-        headroom_bytes=headroom,
-        total_bytes=total,
+        headroom_bytes=budget.headroom,
+        total_bytes=meta.weights_bytes + kv + logits + attention + budget.headroom,
         reasons=reasons,
     )
 
@@ -616,9 +655,14 @@ def plan(
 __all__ = [
     "CONTEXT_GRANULARITY",
     "PREFILL_CHUNK",
+    "MemoryBudget",
     "ModelMeta",
     "Plan",
     "PlanError",
-    "genai_overlay",
+    "choose_threads",
+    "context_and_batch",
+    "context_ceiling",
+    "memory_budget",
     "plan",
+    "prompt_limit",
 ]

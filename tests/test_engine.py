@@ -21,9 +21,10 @@ from edgeagent.engine import (
     Plain,
     Sampling,
     StopMatcher,
+    genai_overlay,
     sample_token,
 )
-from edgeagent.planner import ModelMeta, genai_overlay, plan
+from edgeagent.planner import ModelMeta, plan
 from edgeagent.probe import probe
 from edgeagent.settings import LimitsSettings, RuntimeSettings, Settings
 
@@ -252,7 +253,8 @@ def test_client_text_never_becomes_control_tokens(engine: Engine, default_model:
     assert all(i < pre or i >= len(clean) - suf
                for i, t in enumerate(clean) if t in control)
     assert not control & set(injected[pre:len(injected) - suf])
-    assert engine.decode(injected[pre:len(injected) - suf]).endswith(INJECTION)
+    content = np.asarray(injected[pre:len(injected) - suf], dtype=np.int32)
+    assert str(engine.tokenizer.decode(content)).endswith(INJECTION)
 
 
 def test_prepare_chat_keeps_every_client_content_as_text(engine: Engine) -> None:

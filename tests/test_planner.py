@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -17,8 +18,11 @@ from edgeagent.planner import (
     ModelMeta,
     Plan,
     PlanError,
-    genai_overlay,
+    context_and_batch,
+    context_ceiling,
+    memory_budget,
     plan,
+    prompt_limit,
 )
 from edgeagent.probe import Hardware
 from edgeagent.settings import LimitsSettings, RuntimeSettings
@@ -105,7 +109,7 @@ def write_model(folder: Path, config: Any, **files: bytes) -> Path:
     return folder
 
 
-GENAI = {
+GENAI: dict[str, Any] = {
     "model": {
         "type": "llama",
         "context_length": 8192,
@@ -430,11 +434,57 @@ def test_to_dict_is_json() -> None:
 
 
 def test_genai_overlay() -> None:
+    from edgeagent.engine import genai_overlay  # the engine's concern, not the planner's
+
     p = plan(box(cores=2), SMOL, rt(), lim())
     assert genai_overlay(p) == {
         "model": {"decoder": {"session_options": {"intra_op_num_threads": 2}}},
         "search": {"max_length": 4096},
     }
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def test_memory_budget_names_its_source() -> None:
+    budget = memory_budget(box(2 * GB), SMOL, rt(memory_headroom_mb=100))
+    assert (budget.available, budget.headroom) == (2 * GB, 100 * MB)
+    assert budget.room == 2 * GB - 86 * MB - 100 * MB
+    assert budget.source == "MemAvailable"
+    capped = memory_budget(box(8 * GB, cgroup_limit=GB, cgroup_usage=GB // 4), SMOL, rt())
+    assert capped.available == GB - GB // 4
+    assert capped.source == "cgroup limit 1.0 GB less 256 MB in use"
+    starved = memory_budget(box(300 * MB), SMOL, rt())
+    assert starved.room < 0 and starved.left.startswith("nothing is left after the 86 MB")
+    unknown = dataclasses.replace(box(), mem_available_bytes=None)
+    assert memory_budget(unknown, SMOL, rt()).source == "MemTotal: available memory unknown"
+
+
+def test_context_ceiling_is_the_model_limit_or_the_cap() -> None:
+    assert context_ceiling(SMOL, rt()) == (4096, "runtime.auto_context_cap=4096, below the "
+                                                 "model's 8192")
+    assert context_ceiling(SMOL, rt(auto_context_cap=10000)) == (8192, "the model's limit 8192")
+
+
+@pytest.mark.parametrize(("context", "batch"), [
+    ("auto", "auto"), (1024, "auto"), ("auto", 2), (1024, 2)])
+def test_context_and_batch_is_what_the_plan_takes(context: Any, batch: Any) -> None:
+    runtime = rt(context_length=context, max_batch=batch)
+    budget = memory_budget(box(GB), SMOL, runtime)
+    ctx, size, reasons = context_and_batch(SMOL, runtime, budget)
+    p = plan(box(GB), SMOL, runtime, lim())
+    assert (ctx, size) == (p.context_length, p.max_batch)
+    assert reasons == {k: p.reasons[k] for k in ("context_length", "max_batch")}
+
+
+def test_prompt_limit() -> None:
+    assert prompt_limit(lim(), 4096) == (3840, "auto: context 4096 less "
+                                               "limits.min_output_tokens=256")
+    assert prompt_limit(lim(), 300)[0] == 150
+    assert prompt_limit(lim(max_prompt_tokens=100), 300) == (
+        100, "limits.max_prompt_tokens (context 300)")
+    with pytest.raises(PlanError, match="below the context length 300"):
+        prompt_limit(lim(max_prompt_tokens=300), 300)
 
 
 # --------------------------------------------------------------------------- property
