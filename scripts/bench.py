@@ -1,21 +1,23 @@
 #!/usr/bin/env python3
 """Benchmark edgeagent against the raw onnxruntime-genai loop, measured in the same run.
 
-    .venv/bin/python scripts/bench.py            # raw loop, engine, socket
+    .venv/bin/python scripts/bench.py            # raw loop, engine, socket, MQTT
     .venv/bin/python scripts/bench.py --quick    # fewer repeats
     .venv/bin/python scripts/bench.py --json out.json
     .venv/bin/python scripts/bench.py --report DIR [--quick]   # bench.json, bench.md, bench.png
 
 Every figure is printed beside the raw loop's, as a ratio: the machine's speed cancels out.
-Decode runs 128 greedy tokens with the end of sequence blocked; prefill uses a 512-token
-prompt; time to first token (TTFT) is from the request to the first token.
+Decode runs 128 greedy tokens with the end of sequence blocked; time to first token (TTFT)
+is from the request to the first token; prefill tok/s is the prompt over the TTFT.
 
-``--report DIR`` measures more and writes it to DIR: the raw loop, the engine, the socket
-and MQTT at prompts of about 32, 512 and 2048 tokens (``--prompt-lengths``; decode tok/s
-and TTFT p50/p95 per length), 1, 2, 4 and 8 concurrent clients (``--clients``; aggregate
-tok/s and TTFT p50/p95), and for each daemon its start to READY time, RSS (sampled from
-/proc throughout, and VmHWM) and idle CPU (``--idle-seconds`` without requests, as % of
-one core). The daemons get a context large enough for the longest prompt plus the output.
+One pipeline measures, with or without ``--report``: the raw loop, the engine, the socket
+and MQTT at each prompt length of about ``--prompt-lengths`` tokens (decode tok/s and TTFT
+p50/p95 per length), ``--clients`` concurrent clients (aggregate tok/s and TTFT p50/p95),
+and for each daemon its start to READY time, RSS (sampled from /proc throughout, and VmHWM)
+and idle CPU (``--idle-seconds`` without requests, as % of one core). The daemons get a
+context large enough for the longest prompt plus the output. ``--report DIR`` measures more
+by default (prompts of 32, 512 and 2048 tokens, 1, 2, 4 and 8 clients, an idle period
+instead of 32 and 512 tokens, 4 clients, none) and writes it to DIR.
 """
 
 from __future__ import annotations
@@ -31,15 +33,13 @@ import math
 import os
 import platform
 import resource
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from types import TracebackType
@@ -50,18 +50,23 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import httpx  # noqa: E402
 import onnxruntime_genai as og  # noqa: E402
 import psutil  # noqa: E402
 
-from edgeagent.engine import Delta, Engine, Sampling  # noqa: E402
-from edgeagent.planner import ModelMeta, Plan, genai_overlay, plan  # noqa: E402
+from edgeagent.engine import Delta, Engine, Sampling, genai_overlay  # noqa: E402
+from edgeagent.planner import ModelMeta, Plan, plan  # noqa: E402
 from edgeagent.probe import probe  # noqa: E402
 from edgeagent.settings import LimitsSettings, RuntimeSettings, Settings  # noqa: E402
+from edgeagent.testing.broker import Broker, requester  # noqa: E402
+from edgeagent.testing.daemon import DaemonProc, running_daemon  # noqa: E402
 
 MB = 2**20
 SHORT = "Tell a story."
 FILLER = ["The", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog."]
+
+
+#: A summary row: metric, raw loop, edgeagent, the path it was measured on.
+Row = tuple[str, float, float, str]
 
 
 @dataclass
@@ -143,118 +148,55 @@ def engine_run(engine: Engine, tokens: np.ndarray, n: int) -> Run:
     return Run(rate(count - 1, last - first), first - t0, rate(len(tokens), first - t0))
 
 
-# ---------------------------------------------------------------- socket
-class Daemon:
-    """``edgeagent run`` as a subprocess on a private socket, ready when READY=1 arrives."""
-
-    def __init__(self, model_path: Path, context: int, mqtt_url: str | None = None) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="eab-", dir="/tmp"))
-        self.sock = self.dir / "api.sock"
-        cfg = self.dir / "bench.toml"
-        mqtt = f'[mqtt]\nurl = "{mqtt_url}"\n' if mqtt_url else ""
-        cfg.write_text(f'state_dir = "{self.dir / "state"}"\ndevice_id = "bench"\n'
-                       f'[model]\npath = "{model_path}"\n'
-                       f'[runtime]\ncontext_length = {context}\n{mqtt}'
-                       f'[socket]\npath = "{self.sock}"\n[log]\nlevel = "warning"\n'
-                       'format = "json"\n')
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(str(self.dir / "notify"))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEAGENT_")}
-        env["NOTIFY_SOCKET"] = str(self.dir / "notify")
-        self.log = self.dir / "daemon.log"
-        self.started = time.perf_counter()
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "edgeagent", "run", "--config",
-                                          str(cfg)], env=env, cwd=REPO,
-                                         stdout=subprocess.DEVNULL, stderr=log)
-        deadline = time.monotonic() + 180
-        notify.settimeout(1)
-        try:
-            while True:
-                with contextlib.suppress(TimeoutError):
-                    if b"READY=1" in notify.recv(4096):
-                        break
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"the daemon did not become ready (exit code "
-                                       f"{self.proc.returncode}): {self.log_tail()}")
-        finally:
-            notify.close()
-        self.ready_s = time.perf_counter() - self.started
-
-    def log_tail(self, chars: int = 2000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.sock)),
-                            base_url="http://localhost", timeout=300)
-
-    def stream(self, messages: list[dict[str, str]], n: int) -> tuple[Run, int]:
-        """Stream one chat completion; tokens are counted from the usage chunk, since
-        the daemon may send several tokens in one event."""
-        s = self.stream_usage(messages, n)
-        return s.run, s.tokens
-
-    def stream_usage(self, messages: list[dict[str, str]], n: int) -> Streamed:
-        """``stream``, with the prompt tokens the daemon counted."""
-        body = {"messages": messages, "max_tokens": n, "min_tokens": n, "stream": True,
-                "temperature": 0, "stream_options": {"include_usage": True}}
-        first = last = 0.0
-        usage: dict[str, int] = {}
-        # The client is built before the clock starts: httpx spends ~25 ms creating its SSL
-        # context, which is the client's cost, not the daemon's time to first token.
-        with self.client() as c:
-            t0 = time.perf_counter()
-            with c.stream("POST", "/v1/chat/completions", json=body) as r:
-                if r.status_code != 200:
-                    raise RuntimeError(
-                        f"HTTP {r.status_code}: {r.read().decode(errors='replace')}")
-                for line in r.iter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    doc = json.loads(line[6:])
-                    if doc.get("usage"):
-                        usage = doc["usage"]
-                    elif doc["choices"] and doc["choices"][0]["delta"].get("content"):
-                        last = time.perf_counter()
-                        if not first:
-                            first = last
-        tokens = usage.get("completion_tokens", 0)
-        return Streamed(Run(rate(tokens - 1, last - first), first - t0), tokens,
-                        usage.get("prompt_tokens", 0))
-
-    def health(self) -> dict[str, Any]:
-        with self.client() as c:
-            doc: dict[str, Any] = c.get("/health").json()
-            return doc
-
-    def status_mb(self, key: str) -> float:
-        """A size from /proc/PID/status (VmRSS, VmHWM, ...) in MB."""
-        with open(f"/proc/{self.proc.pid}/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-        return 0.0
-
-    def rss_mb(self) -> float:
-        return self.status_mb("VmRSS")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(60)
+# ---------------------------------------------------------------- daemons
+#: The daemons' device id: their MQTT request topic is edgeagent/bench/request.
+DEVICE = "bench"
 
 
-def mqtt_request(broker: Any, content: str, n: int) -> Streamed:
+def socket_request(d: DaemonProc, content: str, n: int) -> Streamed:
+    """One streamed chat completion over the socket; tokens are counted from the usage
+    chunk, since the daemon may send several tokens in one event."""
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": n,
+            "min_tokens": n, "stream": True, "temperature": 0,
+            "stream_options": {"include_usage": True}}
+    first = last = 0.0
+    usage: dict[str, int] = {}
+    # The client is built before the clock starts: httpx spends ~25 ms creating its SSL
+    # context, which is the client's cost, not the daemon's time to first token.
+    with d.client(timeout=300) as c:
+        t0 = time.perf_counter()
+        with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}: {r.read().decode(errors='replace')}")
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                doc = json.loads(line[6:])
+                if doc.get("usage"):
+                    usage = doc["usage"]
+                elif doc["choices"] and doc["choices"][0]["delta"].get("content"):
+                    last = time.perf_counter()
+                    if not first:
+                        first = last
+    tokens = usage.get("completion_tokens", 0)
+    return Streamed(Run(rate(tokens - 1, last - first), first - t0), tokens,
+                    usage.get("prompt_tokens", 0))
+
+
+def health(d: DaemonProc) -> dict[str, Any]:
+    with d.client() as c:
+        doc: dict[str, Any] = c.get("/health").json()
+        return doc
+
+
+def mqtt_request(broker: Broker, content: str, n: int) -> Streamed:
     """One streamed request over MQTT 5 (response topic + correlation data); tokens are
     counted from the final chunk's usage, since a chunk may carry several tokens."""
-    from tests.broker import requester
-
     body = {"messages": [{"role": "user", "content": content}],
             "max_tokens": n, "min_tokens": n, "stream": True, "temperature": 0}
     with requester(broker) as r:
         t0 = time.perf_counter()
-        r.request("edgeagent/bench/request", body, correlation=os.urandom(8))
+        r.request(f"edgeagent/{DEVICE}/request", body, correlation=os.urandom(8))
         first = last = 0.0
         chunks = 0
         while True:
@@ -275,35 +217,20 @@ def mqtt_request(broker: Any, content: str, n: int) -> Streamed:
                     int(usage.get("prompt_tokens", 0)))
 
 
-def mqtt_stream(broker: Any, n: int, i: int = 0) -> tuple[Run, int]:
-    """One streamed request over MQTT 5 (response topic + correlation data)."""
-    s = mqtt_request(broker, f"Tell story number {i}.", n)
-    return s.run, s.tokens
-
-
-def mqtt_round_trip(broker: Any, count: int) -> list[float]:
+def mqtt_round_trip(broker: Broker, count: int) -> list[float]:
     """Latency of 1-token requests: publish to reply received."""
-    from tests.broker import requester
-
     out = []
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
     with requester(broker) as r:
         for _ in range(count):
             t0 = time.perf_counter()
-            r.request("edgeagent/bench/request", body, correlation=os.urandom(8))
+            r.request(f"edgeagent/{DEVICE}/request", body, correlation=os.urandom(8))
             r.get(60)
             out.append(time.perf_counter() - t0)
     return sorted(out)
 
 
-def median_run(runs: list[Run]) -> Run:
-    return Run(median([r.decode_tps for r in runs]),
-               median([r.ttft_s for r in runs]),
-               median([r.prefill_tps for r in runs if r.prefill_tps is not None])
-               if runs[0].prefill_tps else None)
-
-
-def print_summary(results: dict[str, Any], rows: list[tuple[str, float, float, str]]) -> None:
+def print_summary(results: dict[str, Any], rows: list[Row]) -> None:
     """The console table: every figure beside the raw loop's, with the ratio."""
     print(f"\nedgeagent bench: {results['machine']}")
     print(f"{'metric':38} {'raw loop':>10} {'edgeagent':>10} {'ratio':>7}")
@@ -385,6 +312,8 @@ class RssSampler:
 def idle_cpu_pct(pid: int, seconds: float) -> float:
     """CPU time (user + system, all threads) a process uses over ``seconds`` of wall time
     without requests, as % of one core."""
+    if seconds <= 0:
+        return math.nan  # not measured
     process = psutil.Process(pid)
     before, t0 = process.cpu_times(), time.perf_counter()
     time.sleep(seconds)  # the measurement window itself
@@ -449,7 +378,7 @@ def by_length(runs: dict[int, list[Run]], prompt_tokens: dict[int, int],
     return out
 
 
-def measure_transport(d: Daemon, one: Callable[[str, int], Streamed],
+def measure_transport(d: DaemonProc, one: Callable[[str, int], Streamed],
                       raw_one: Callable[[int], Run], prompts: dict[int, str],
                       clients: list[int], n: int, repeat: int,
                       idle_s: float) -> dict[str, Any]:
@@ -486,7 +415,7 @@ def measure_transport(d: Daemon, one: Callable[[str, int], Streamed],
                 "ttft_p50_s": median(ttfts), "ttft_p95_s": percentile(ttfts, 95),
                 "aggregate_tps_runs": aggregates, "vs_raw_single_runs": ratios})
         idle = idle_cpu_pct(d.proc.pid, idle_s)
-    plan_doc = d.health().get("plan") or {}
+    plan_doc = health(d).get("plan") or {}
     figures = {
         "ready_s": d.ready_s, "rss_ready_mb": rss_ready, "rss_peak_sampled_mb": sampler.peak_mb,
         "rss_samples": len(sampler.samples), "rss_sample_interval_s": sampler.interval,
@@ -674,8 +603,8 @@ def raw_block(raw: RawLoop, prompts: dict[int, tuple[str, np.ndarray]], n: int,
     return raw_runs, eng_runs
 
 
-def report(args: argparse.Namespace, model_path: Path, repeat: int) -> int:
-    """Measure everything, print the summary table, write bench.json, bench.md, bench.png.
+def measure(args: argparse.Namespace, model_path: Path) -> tuple[dict[str, Any], list[Row]]:
+    """The one measurement pipeline: the results document and the summary rows.
 
     Each path is compared with the raw loop run alternately with it (the raw loop stays
     loaded in this process), so that the drift of a shared machine does not show up as a
@@ -684,15 +613,16 @@ def report(args: argparse.Namespace, model_path: Path, repeat: int) -> int:
     lengths: list[int] = args.prompt_lengths
     clients: list[int] = args.clients
     n: int = args.tokens
-    idle_s: float = args.idle_seconds if args.idle_seconds is not None else (
-        5.0 if args.quick else 10.0)
+    repeat: int = args.repeat
+    idle_s: float = args.idle_seconds
     context = report_context(lengths, n)
     the_plan = plan(probe(), ModelMeta.from_folder(model_path),
                     RuntimeSettings(context_length=context), LimitsSettings())
     results: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(the_plan, model_path),
-        "settings": {"tokens": n, "repeat": repeat, "quick": args.quick, "clients": clients,
+        "settings": {"tokens": n, "repeat": repeat, "quick": args.quick,
+                     "report": args.report is not None, "clients": clients,
                      "prompt_lengths": lengths, "context_length": context, "idle_s": idle_s,
                      "socket": not args.no_socket, "mqtt": not args.no_mqtt}}
     phases: dict[str, float] = {}
@@ -724,7 +654,7 @@ def report(args: argparse.Namespace, model_path: Path, repeat: int) -> int:
     results["engine"] = {"decode_tps": e[0]["decode_tps"], "ttft_s": e[0]["ttft_p50_s"],
                          f"prefill_tps_{pre}": e[lengths.index(pre)]["prefill_tps"],
                          "raw_single_stream_tps": ref}
-    rows: list[tuple[str, float, float, str]] = [
+    rows: list[Row] = [
         ("decode tok/s (1 stream)", ref, e[0]["decode_tps"], "engine"),
         (f"prefill tok/s ({pre})", r[lengths.index(pre)]["prefill_tps"],
          e[lengths.index(pre)]["prefill_tps"], "engine"),
@@ -735,7 +665,7 @@ def report(args: argparse.Namespace, model_path: Path, repeat: int) -> int:
     daemons: dict[str, dict[str, Any]] = {}
     c4 = 4 if 4 in clients else clients[-1]
 
-    def transport(name: str, d: Daemon, one: Callable[[str, int], Streamed]) -> None:
+    def transport(name: str, d: DaemonProc, one: Callable[[str, int], Streamed]) -> None:
         """The daemon's figures, against the raw loop measured between its requests."""
         got = measure_transport(d, one, lambda target: raw.run(prompts[target][1], n),
                                 contents, clients, n, repeat, idle_s)
@@ -768,31 +698,27 @@ def report(args: argparse.Namespace, model_path: Path, repeat: int) -> int:
             rows.append(("socket TTFT p50 ms", phase_ref["ttft_p50_s"] * 1000,
                          single["ttft_p50_s"] * 1000, "socket"))
 
+    workdir = Path(tempfile.mkdtemp(prefix="eab-", dir="/tmp"))  # short: sockets go there
+    daemon_toml = f"[runtime]\ncontext_length = {context}\n"
     if not args.no_socket:
         t = time.perf_counter()
-        d = Daemon(model_path, context)
-        try:
-            transport("socket", d, lambda content, k: d.stream_usage(
-                [{"role": "user", "content": content}], k))
-        finally:
-            d.stop()
+        with running_daemon(workdir, model_path, daemon_toml, name="socket",
+                            device_id=DEVICE) as d:
+            transport("socket", d, lambda content, k: socket_request(d, content, k))
         phases["socket_s"] = time.perf_counter() - t
 
     if not args.no_mqtt:
-        from tests.broker import Broker
-
         t = time.perf_counter()
-        broker = Broker(Path(tempfile.mkdtemp(prefix="eab-mq-", dir="/tmp")))
+        broker = Broker(workdir / "broker")
         broker.start()
         try:
-            d = Daemon(model_path, context, broker.url)
-            try:
+            with running_daemon(workdir, model_path,
+                                daemon_toml + f'[mqtt]\nurl = "{broker.url}"\n', name="mqtt",
+                                device_id=DEVICE) as d:
                 transport("mqtt", d, lambda content, k: mqtt_request(broker, content, k))
                 rtt = mqtt_round_trip(broker, 10)
                 results["mqtt"]["one_token_rtt_p50_s"] = median(rtt)
                 results["mqtt"]["ttft_s"] = results["mqtt"]["ttft_p50_s"]
-            finally:
-                d.stop()
         finally:
             broker.stop()
         phases["mqtt_s"] = time.perf_counter() - t
@@ -806,23 +732,18 @@ def report(args: argparse.Namespace, model_path: Path, repeat: int) -> int:
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())
     results["phases_s"] = phases
     results["runtime_s"] = time.perf_counter() - started
-    print_summary(results, rows)
-    print(f"prompt lengths {lengths} (actual {list(prompt_tokens.values())}), clients "
-          f"{clients}, context {context}")
-
-    args.report.mkdir(parents=True, exist_ok=True)
-    doc = finite(results)
-    (args.report / "bench.json").write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
-    (args.report / "bench.md").write_text(render_markdown(doc))
-    render_plot(doc, args.report / "bench.png")
-    if args.json:
-        args.json.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
-    print(f"wrote {args.report}/bench.json, bench.md, bench.png "
-          f"({results['runtime_s']:.0f} s)")
-    return 0
+    return results, rows
 
 
-def main() -> int:
+def write_report(doc: dict[str, Any], out: Path) -> None:
+    """bench.json, bench.md and bench.png in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    (out / "bench.md").write_text(render_markdown(doc))
+    render_plot(doc, out / "bench.png")
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None)
@@ -834,124 +755,49 @@ def main() -> int:
     ap.add_argument("--no-mqtt", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--report", type=Path, default=None, metavar="DIR",
-                    help="the full measurement: bench.json, bench.md and bench.png in DIR")
-    ap.add_argument("--clients", type=int_list, default=[1, 2, 4, 8], metavar="N,N",
-                    help="--report: concurrent clients per round (default 1,2,4,8)")
-    ap.add_argument("--prompt-lengths", type=int_list, default=[32, 512, 2048],
-                    metavar="N,N", help="--report: prompt tokens, at most (default "
-                    "32,512,2048); the first is the single-stream reference")
+                    help="measure more by default, and write bench.json, bench.md and "
+                    "bench.png in DIR")
+    ap.add_argument("--clients", type=int_list, default=None, metavar="N,N",
+                    help="concurrent clients per round (default 4; 1,2,4,8 with --report)")
+    ap.add_argument("--prompt-lengths", type=int_list, default=None, metavar="N,N",
+                    help="prompt tokens, at most (default 32,512; 32,512,2048 with "
+                    "--report); the first is the single-stream reference")
     ap.add_argument("--idle-seconds", type=float, default=None,
-                    help="--report: idle period for the daemon's idle CPU (default 10, "
-                    "5 with --quick)")
+                    help="idle period for the daemon's idle CPU (default none; 10 with "
+                    "--report, 5 with --report --quick)")
     args = ap.parse_args()
     if args.tokens < 2:
         ap.error("--tokens must be at least 2 (decode speed is measured after the first)")
-    repeat = args.repeat if args.repeat is not None else 2 if args.quick else 5
-    if repeat < 1:
+    if args.repeat is None:
+        args.repeat = 2 if args.quick else 5
+    if args.repeat < 1:
         ap.error("--repeat must be at least 1")
-    model_path = args.model or Settings().model_path
-    if args.report is not None:
-        return report(args, model_path, repeat)
-    context = 2048
-    the_plan = plan(probe(), ModelMeta.from_folder(model_path),
-                    RuntimeSettings(context_length=context), LimitsSettings())
-    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "threads": the_plan.threads,
-                                           "model": str(model_path)}}
+    report = args.report is not None
+    if args.clients is None:
+        args.clients = [1, 2, 4, 8] if report else [4]
+    if args.prompt_lengths is None:
+        args.prompt_lengths = [32, 512, 2048] if report else [32, 512]
+    if args.idle_seconds is None:
+        args.idle_seconds = (5.0 if args.quick else 10.0) if report else 0.0
+    return args
 
-    t = time.perf_counter()
-    engine = Engine(model_path, the_plan)
-    results["engine_load_s"] = time.perf_counter() - t
-    raw = RawLoop(model_path, the_plan)
-    results["rss_after_load_mb"] = rss_mb()
-    short = engine.encode(engine.chat_prompt([{"role": "user", "content": SHORT}]))
-    long = prompt_content(engine, 512)[1]
 
-    raw.run(short, 8)  # warm-up
-    engine_run(engine, short, 8)
-    raw_decode, eng_decode, raw_pre, eng_pre = [], [], [], []
-    for _ in range(repeat):  # interleaved, so drift hits both alike
-        raw_decode.append(raw.run(short, args.tokens))
-        eng_decode.append(engine_run(engine, short, args.tokens))
-        raw_pre.append(raw.run(long, 2))
-        eng_pre.append(engine_run(engine, long, 2))
-    r, e = median_run(raw_decode), median_run(eng_decode)
-    rp, ep = median_run(raw_pre), median_run(eng_pre)
-    assert rp.prefill_tps is not None and ep.prefill_tps is not None
-    results["raw"] = {"decode_tps": r.decode_tps, "ttft_s": r.ttft_s,
-                      "prefill_tps_512": rp.prefill_tps}
-    results["engine"] = {"decode_tps": e.decode_tps, "ttft_s": e.ttft_s,
-                         "prefill_tps_512": ep.prefill_tps}
-    rows = [
-        ("decode tok/s (1 stream)", r.decode_tps, e.decode_tps, "engine"),
-        ("prefill tok/s (512)", rp.prefill_tps, ep.prefill_tps, "engine"),
-        ("TTFT ms (short prompt)", r.ttft_s * 1000, e.ttft_s * 1000, "engine"),
-    ]
-    del engine  # free the cores' caches for the daemon
-
-    if not args.no_socket:
-        d = Daemon(model_path, context)
-        try:
-            msgs = [{"role": "user", "content": SHORT}]
-            d.stream(msgs, 8)
-            sock_runs = [d.stream(msgs, args.tokens)[0] for _ in range(repeat)]
-            ttfts = sorted(x.ttft_s for x in sock_runs)
-            s = median_run(sock_runs)
-
-            def one(i: int) -> int:
-                return d.stream([{"role": "user", "content": f"Tell story number {i}."}],
-                                args.tokens)[1]
-
-            t0 = time.perf_counter()
-            with concurrent.futures.ThreadPoolExecutor(4) as pool:
-                total = sum(pool.map(one, range(4)))
-            agg = total / (time.perf_counter() - t0)
-            results["socket"] = {
-                "decode_tps": s.decode_tps, "ttft_p50_s": median(ttfts),
-                "ttft_p95_s": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))],
-                "concurrent4_aggregate_tps": agg, "ready_s": d.ready_s,
-                "daemon_rss_mb": d.rss_mb()}
-            rows += [
-                ("socket decode tok/s (1 stream)", r.decode_tps, s.decode_tps, "socket"),
-                ("socket 4 clients aggregate tok/s", r.decode_tps, agg, "socket"),
-                ("socket TTFT p50 ms", r.ttft_s * 1000, median(ttfts) * 1000,
-                 "socket"),
-            ]
-        finally:
-            d.stop()
-
-    if not args.no_mqtt:
-        from tests.broker import Broker
-
-        broker = Broker(Path(tempfile.mkdtemp(prefix="eab-mq-", dir="/tmp")))
-        broker.start()
-        d = Daemon(model_path, context, broker.url)
-        try:
-            mqtt_stream(broker, 8)
-            runs = [mqtt_stream(broker, args.tokens)[0] for _ in range(repeat)]
-            m = median_run(runs)
-            t0 = time.perf_counter()
-            with concurrent.futures.ThreadPoolExecutor(4) as pool:
-                total = sum(c for _, c in pool.map(
-                    lambda i: mqtt_stream(broker, args.tokens, i), range(4)))
-            agg = total / (time.perf_counter() - t0)
-            rtt = mqtt_round_trip(broker, 10)
-            results["mqtt"] = {"decode_tps": m.decode_tps, "concurrent4_aggregate_tps": agg,
-                               "one_token_rtt_p50_s": median(rtt),
-                               "ttft_s": m.ttft_s}
-            rows += [
-                ("mqtt decode tok/s (1 stream)", r.decode_tps, m.decode_tps, "mqtt"),
-                ("mqtt 4 requesters aggregate tok/s", r.decode_tps, agg, "mqtt"),
-            ]
-        finally:
-            d.stop()
-            broker.stop()
-
+def main() -> int:
+    args = parse_args()
+    results, rows = measure(args, args.model or Settings().model_path)
+    doc = finite(results)
     print_summary(results, rows)
-    results["rows"] = [{"metric": n, "raw": b, "edgeagent": o, "ratio": o / b if b else None}
-                       for n, b, o, _ in rows]
-    print(json.dumps(results, indent=1, default=lambda o: asdict(o)))
+    actual = [e["prompt_tokens"] for e in results["prompt_lengths"]["raw"]]
+    print(f"prompt lengths {args.prompt_lengths} (actual {actual}), clients {args.clients}, "
+          f"context {results['settings']['context_length']}")
+    if args.report is None:
+        print(json.dumps(doc, indent=1, allow_nan=False))
+    else:
+        write_report(doc, args.report)
+        print(f"wrote {args.report}/bench.json, bench.md, bench.png "
+              f"({results['runtime_s']:.0f} s)")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        args.json.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""scripts/bench.py --report: the smallest run writes bench.json, bench.md and bench.png.
+"""scripts/bench.py: the smallest --report writes bench.json, bench.md and bench.png; a
+plain run measures with the same pipeline.
 
 Figures are not checked (they are noisy on a shared machine); the report's shape is.
 """
@@ -73,3 +74,24 @@ def test_quick_report_writes_its_files(default_model: Path, tmp_path: Path) -> N
         assert heading in md
     assert "| metric | raw loop | edgeagent | ratio |" in md
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_plain_run_is_the_same_pipeline(default_model: Path, tmp_path: Path) -> None:
+    """Without --report, bench.py measures with the same code and options (here one prompt
+    length, 2 clients, no MQTT) and writes no report files, only the JSON asked for."""
+    out = tmp_path / "plain.json"
+    res = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--quick",
+         "--model", str(default_model), "--repeat", "1", "--tokens", "8", "--clients", "2",
+         "--prompt-lengths", "32",
+         "--no-mqtt", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert "socket 2 clients aggregate tok/s" in res.stdout
+    doc = json.loads(out.read_text())
+    assert {"raw", "engine", "socket", "prompt_lengths", "concurrency", "daemon",
+            "rows"} <= doc.keys()
+    assert "mqtt" not in doc
+    assert [e["prompt_tokens_target"] for e in doc["prompt_lengths"]["socket"]] == [32]
+    assert [e["clients"] for e in doc["concurrency"]["socket"]] == [2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.json"]
