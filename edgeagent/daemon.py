@@ -1,4 +1,9 @@
-"""``edgeagent run``: the daemon's lifecycle.
+"""``edgeagent run``: the composition root and the daemon's lifecycle.
+
+:class:`Daemon` builds every component from the settings (serving, the transports,
+telemetry, fleet configuration), wires them with explicit arguments (each gets a narrow
+interface or a callable, never the daemon) and owns their start and stop order. Only the
+command line imports this module (an import-linter contract, in pyproject.toml).
 
 start -> load (probe, plan, verify, load the model) -> READY -> serve -> drain -> exit.
 
@@ -20,21 +25,25 @@ import hashlib
 import json
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
 from edgeagent import log as logsetup
 from edgeagent.engine import Engine
+from edgeagent.fleet import Fleet
 from edgeagent.manifest import ModelIntegrityError, verify_model
+from edgeagent.metrics import Figures, render_metrics
 from edgeagent.planner import ModelMeta, Plan, PlanError, plan
 from edgeagent.probe import probe
 from edgeagent.scheduler import Scheduler
 from edgeagent.sdnotify import Notifier, watchdog_interval
+from edgeagent.serving import Serving
 from edgeagent.settings import ConfigError, Settings, changed_settings, load_settings
-from edgeagent.telemetry import Telemetry
+from edgeagent.telemetry import Telemetry, Vitals
+from edgeagent.transports.http import HttpTransport
+from edgeagent.transports.mqtt import MqttTransport
 
 log = structlog.get_logger(__name__)
 
@@ -50,14 +59,19 @@ class Transport(Protocol):
 
     name: str
 
+    def state(self) -> str: ...
+
+    def counters(self) -> dict[str, int]: ...
+
     async def start(self) -> None: ...
+
+    def on_ready(self) -> None:
+        """The model is loaded (requests held meanwhile may run)."""
+        ...
 
     async def stop_accepting(self) -> None: ...
 
     async def close(self) -> None: ...
-
-
-TransportFactory = Callable[["Daemon"], Transport]
 
 
 def plan_for(settings: Settings) -> Plan:
@@ -106,52 +120,48 @@ def _runtime_message(exc: Exception) -> str:
 
 
 class Daemon:
-    def __init__(
-        self,
-        settings: Settings,
-        config_path: Path | None = None,
-        transports: list[TransportFactory] | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings, config_path: Path | None = None) -> None:
         self.settings = settings
         self.config_path = config_path
         self.notifier = Notifier()
         self.started_at = time.monotonic()
-        self.started_wall = time.time()
-        self.state = "starting"
-        self.plan: Plan | None = None
-        self.manifest: dict[str, object] | None = None
+        self.serving = Serving(settings)
         self.scheduler: Scheduler | None = None
-        self.transports: list[Transport] = [make(self) for make in (transports or [])]
+        self.mqtt = MqttTransport(settings, self.serving)
+        self.transports: list[Transport] = [
+            HttpTransport(settings, self.serving, self.health, self.metrics,
+                          created=int(time.time())),
+            self.mqtt,
+        ]
         self._exit = asyncio.Event()
         self._force_exit = False
         self._reload_task: asyncio.Task[None] | None = None
         self.telemetry: Telemetry | None = None
+        self.fleet: Fleet | None = None
         self.last_apply = "boot"
 
     @property
     def ready(self) -> bool:
-        return self.state == "ready"
-
-    @property
-    def model_id(self) -> str:
-        """The manifest's model id, or the model folder's name."""
-        if self.manifest and isinstance(self.manifest.get("model_id"), str):
-            return str(self.manifest["model_id"])
-        return self.settings.model_path.name
+        return self.serving.ready
 
     def uptime(self) -> float:
         return time.monotonic() - self.started_at
 
-    def transport_counters(self) -> dict[str, int]:
-        """Counters of every transport (e.g. MQTT reconnects), for /metrics and telemetry."""
+    def counters(self) -> dict[str, int]:
+        """Counters of every component (e.g. MQTT reconnects), for /metrics and telemetry."""
         out: dict[str, int] = {}
         for transport in self.transports:
-            counters = getattr(transport, "counters", None)
-            if callable(counters):
-                out.update(counters())
-        if self.telemetry is not None:
-            out.update(self.telemetry.counters())
+            out.update(transport.counters())
+        for part in (self.fleet, self.telemetry):
+            if part is not None:
+                out.update(part.counters())
         return out
+
+    def metrics(self) -> tuple[bytes, str]:
+        """The /metrics body and its content type."""
+        status = self.serving.status()
+        return render_metrics(Figures(self.ready, self.uptime(), self.counters(),
+                                      status.get("serving")))
 
     def config_status(self) -> dict[str, object]:
         """The configuration in effect: fleet overlay version, a hash, the last apply."""
@@ -163,27 +173,26 @@ class Daemon:
                 "hash": hashlib.sha256(effective.encode()).hexdigest()[:16],
                 "last_apply": self.last_apply}
 
-    def health(self) -> dict[str, object]:
+    def health(self) -> dict[str, Any]:
         """What /health reports: state, plan, model, versions, transports, serving figures."""
         import onnxruntime
         import onnxruntime_genai
 
         from edgeagent import __version__
 
-        doc: dict[str, object] = {
-            "status": self.state,
+        status = self.serving.status()
+        doc: dict[str, Any] = {
+            "status": status["status"],
             "device_id": self.settings.device_id,
             "uptime_s": round(self.uptime(), 1),
             "versions": {"edgeagent": __version__, "onnxruntime": onnxruntime.__version__,
                          "onnxruntime_genai": onnxruntime_genai.__version__},
-            "model": {"id": self.model_id, "path": str(self.settings.model_path),
-                      "verified": self.manifest is not None},
-            "plan": self.plan.to_dict() if self.plan else None,
-            "transports": {t.name: getattr(t, "state", lambda: "on")() for t in
-                           self.transports},
+            "model": status["model"],
+            "plan": status["plan"],
+            "transports": {t.name: t.state() for t in self.transports},
         }
-        if self.scheduler is not None:
-            doc["serving"] = self.scheduler.snapshot()
+        if "serving" in status:
+            doc["serving"] = status["serving"]
         return doc
 
     # ------------------------------------------------------------ signals
@@ -234,7 +243,7 @@ class Daemon:
             log.error("startup failed", error=str(exc))
             await self._close_transports()
             return STARTUP_FAILURE
-        self.state = "loading"
+        self.serving.loading()
         self.notifier.send("STATUS=loading model")
         load = asyncio.ensure_future(asyncio.to_thread(load_engine, self.settings))
         exit_wait = asyncio.ensure_future(self._exit.wait())
@@ -247,37 +256,59 @@ class Daemon:
             return 0
         exit_wait.cancel()
         try:
-            engine, self.plan, self.manifest = load.result()
+            engine, the_plan, manifest = load.result()
         except StartupError as exc:
             log.error("startup failed", error=str(exc))
             self.notifier.send(f"STATUS=startup failed: {exc}")
             await self._close_transports()
             return STARTUP_FAILURE
-        self.scheduler = Scheduler(engine, self.plan, self.settings)
+        self.scheduler = Scheduler(engine, the_plan, self.settings)
         self.scheduler.start()
-        self.state = "ready"
+        self.serving.serve(self.scheduler, the_plan, manifest)
         for transport in self.transports:
-            on_ready = getattr(transport, "on_ready", None)
-            if on_ready is not None:
-                on_ready()
-        self._start_telemetry()
+            transport.on_ready()
+        self._start_upstream()
         log.info("ready", load_s=round(time.monotonic() - self.started_at, 2),
-                 plan=self.plan.summary())
-        self.notifier.send("READY=1", f"STATUS=ready: {self.plan.summary()}")
+                 plan=the_plan.summary())
+        self.notifier.send("READY=1", f"STATUS=ready: {the_plan.summary()}")
         await self._main_loop()
         await self.shutdown()
         return 0
 
-    def _start_telemetry(self) -> None:
+    def _start_upstream(self) -> None:
         """Telemetry and fleet configuration ride on the MQTT transport, when it is on."""
-        from edgeagent.fleet import Fleet
-        from edgeagent.transports.mqtt import MqttTransport
+        if not self.mqtt.enabled:
+            return
+        self.telemetry = Telemetry(self.mqtt, lambda: self.settings, self.vitals)
+        self.telemetry.start()
+        self.fleet = Fleet(self.mqtt, lambda: self.settings, self.config_path,
+                           asyncio.get_running_loop(), apply=self.apply,
+                           plan_error=self._plan_error, config_status=self.config_status,
+                           record=self._record_apply)
+        self.fleet.start()
 
-        for transport in self.transports:
-            if isinstance(transport, MqttTransport) and transport.client is not None:
-                self.telemetry = Telemetry(self, transport)
-                self.telemetry.start()
-                transport.attach_fleet(Fleet(self, asyncio.get_running_loop()))
+    def vitals(self) -> Vitals:
+        """What a telemetry document reports beyond the machine's own figures."""
+        return Vitals(self.uptime(), self.ready, self.serving.model_id, self.serving.manifest,
+                      self.serving.plan, self.serving.status().get("serving"),
+                      self.counters(), self.config_status())
+
+    def _plan_error(self, new: Settings) -> str | None:
+        """Why ``new`` cannot be planned here (runtime.threads above the CPUs, a context that
+        does not fit, a folder that is no model), checked before a fleet push is persisted
+        or applied. Only when it changes the plan: the memory probed now is what the running
+        model leaves, which a reload would see too."""
+        if not needs_reload(self.settings, new):
+            return None
+        try:
+            plan_for(new)
+        except PlanError as exc:
+            return f"(plan): {exc}"
+        return None
+
+    def _record_apply(self, outcome: str) -> None:
+        """A fleet push's outcome that ``apply`` did not see (rejected before it)."""
+        self.last_apply = outcome
 
     async def _main_loop(self) -> None:
         interval = watchdog_interval()
@@ -306,7 +337,7 @@ class Daemon:
         return now - scheduler.last_progress < self.settings.stall_timeout_s
 
     async def shutdown(self) -> None:
-        self.state = "draining"
+        self.serving.draining()
         if self.telemetry is not None:
             await asyncio.to_thread(self.telemetry.stop)
         self.notifier.send("STOPPING=1", "STATUS=draining")
@@ -357,12 +388,10 @@ class Daemon:
                 log.error("reload failed; keeping the running model", error=str(exc))
                 self.last_apply = "rolled_back"
                 return str(exc)
-            self.scheduler.swap_engine(engine, new_plan)
-            self.plan, self.manifest = new_plan, manifest
+            self.serving.swap(engine, new_plan, manifest)
             log.info("model reloaded", plan=new_plan.summary())
         self.settings = new
-        if self.scheduler is not None:
-            self.scheduler.update_settings(new)
+        self.serving.update_settings(new)
         if self.telemetry is not None:
             self.telemetry.interval_changed()
         self.last_apply = "applied"
@@ -373,10 +402,7 @@ class Daemon:
         return None
 
 
-def run(
-    config_path: Path | None,
-    transports: list[TransportFactory] | None = None,
-) -> int:
+def run(config_path: Path | None) -> int:
     """Entry point of ``edgeagent run``: returns the process exit code."""
     try:
         settings = load_settings(config_path)
@@ -386,7 +412,7 @@ def run(
                   errors=[f"{p}: {m}" for p, m in exc.errors])
         return STARTUP_FAILURE
     logsetup.configure(settings.log.level, settings.log.format)
-    daemon = Daemon(settings, config_path, transports)
+    daemon = Daemon(settings, config_path)
     try:
         import uvloop  # a faster event loop where it is installed
     except ImportError:

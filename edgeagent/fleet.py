@@ -20,8 +20,9 @@ import collections
 import json
 import os
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from cryptography.exceptions import InvalidSignature
@@ -30,11 +31,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from edgeagent import bus
 from edgeagent.manifest import fsync_dir, write_json_atomic
-from edgeagent.planner import PlanError
+from edgeagent.publisher import Publisher
 from edgeagent.settings import ConfigError, Settings, load_settings, merge_patch
-
-if TYPE_CHECKING:
-    from edgeagent.daemon import Daemon
 
 log = structlog.get_logger(__name__)
 
@@ -189,12 +187,32 @@ def _signature_errors(doc: dict[str, Any], trusted: list[Path]) -> list[str]:
     return ["signature: does not verify with any trusted key"]
 
 
-class Fleet:
-    """Handles pushes for one daemon; runs on the daemon's event loop."""
+#: Applies settings (live, or by a model reload); None, or why the reload failed.
+Apply = Callable[[Settings], Awaitable[str | None]]
 
-    def __init__(self, daemon: Daemon, loop: asyncio.AbstractEventLoop) -> None:
-        self.daemon = daemon
+
+class Fleet:
+    """Handles pushes for one daemon; runs on the daemon's event loop.
+
+    It receives, never the daemon: the ``publisher`` it subscribes and reports through,
+    ``settings`` (the running ones), the TOML ``config_path``, and from the daemon
+    ``apply``, ``plan_error`` (why settings cannot be planned here, when they change the
+    plan), ``config_status`` (version, hash, last apply) and ``record`` (the outcome of a
+    push that ``apply`` did not see: the daemon keeps ``last_apply``)."""
+
+    def __init__(self, publisher: Publisher, settings: Callable[[], Settings],
+                 config_path: Path | None, loop: asyncio.AbstractEventLoop, *,
+                 apply: Apply, plan_error: Callable[[Settings], str | None],
+                 config_status: Callable[[], dict[str, object]],
+                 record: Callable[[str], None]) -> None:
+        self.publisher = publisher
+        self.settings = settings
+        self.config_path = config_path
         self.loop = loop
+        self._apply_settings = apply
+        self._plan_error = plan_error
+        self._config_status = config_status
+        self._record = record
         self._lock = asyncio.Lock()
         #: pushes by outcome: applied, rejected, stale, rolled_back, ignored (no report)
         self.stats: dict[str, int] = collections.defaultdict(int)
@@ -208,52 +226,59 @@ class Fleet:
     def _pending_path(self) -> Path:
         """Where a push waits while it is applied; it replaces the overlay once it works, so
         the overlay a restart replays is always one that was applied."""
-        overlay = self.daemon.settings.overlay_path
+        overlay = self.settings().overlay_path
         return overlay.with_name(overlay.stem + ".pending.json")
 
     def counters(self) -> dict[str, int]:
         return {f"fleet_{k}": v for k, v in self.stats.items()}
 
     def topics(self) -> dict[str, str]:
-        return bus.config_topics(self.daemon.settings)
+        return bus.config_topics(self.settings())
 
-    def on_message(self, topic: str, payload: bytes, publish: Any) -> None:
+    def start(self) -> None:
+        """Subscribe this device's (and group's) desired configuration topics."""
+        topics = self.topics()
+        for layer in LAYERS:
+            if layer in topics:
+                self.publisher.subscribe(topics[layer], self.on_message)
+
+    def on_message(self, topic: str, payload: bytes) -> None:
         """From the MQTT thread: hand the push to the event loop, one at a time."""
         layer = next((name for name, t in self.topics().items()
                       if t == topic and name in LAYERS), None)
         if layer is None:
             self.stats["ignored"] += 1
             return
-        asyncio.run_coroutine_threadsafe(self._handle(layer, payload, publish), self.loop)
+        asyncio.run_coroutine_threadsafe(self._handle(layer, payload), self.loop)
 
     def _overlay_doc(self) -> dict[str, Any]:
-        path = self.daemon.settings.overlay_path
+        path = self.settings().overlay_path
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {"version": 0, "settings": {}, "layers": {}}
         return doc if isinstance(doc, dict) else {"version": 0, "settings": {}, "layers": {}}
 
-    async def _handle(self, layer: str, payload: bytes, publish: Any) -> None:
+    async def _handle(self, layer: str, payload: bytes) -> None:
         async with self._lock:
             try:
                 report = await self._apply(layer, payload)
             except Exception as exc:  # a push must never vanish without a word
                 log.exception("fleet push failed", layer=layer)
-                self.daemon.last_apply = "rejected"
                 report = {"version": None, "status": "rejected",
                           "errors": [f"(internal): {type(exc).__name__}: {exc}"]}
         if report is None:
             self.stats["ignored"] += 1
             return
         self.stats[report["status"]] += 1
-        report.update(layer=layer, ts=time.time(), hash=self.daemon.config_status()["hash"])
-        publish(self.topics()["reported"], json.dumps(report))
+        if report["status"] in ("rejected", "rolled_back"):
+            self._record(report["status"])
+        report.update(layer=layer, ts=time.time(), hash=self._config_status()["hash"])
+        self.publisher.publish(self.topics()["reported"], json.dumps(report), retain=True)
         log.info("fleet push", **{k: v for k, v in report.items() if k != "ts"})
 
     async def _apply(self, layer: str, payload: bytes) -> dict[str, Any] | None:
-        daemon = self.daemon
-        settings = daemon.settings
+        settings = self.settings()
         if not payload:  # a retained push cleared by the operator: nothing to apply
             log.info("fleet push cleared; the applied configuration stays", layer=layer)
             return None
@@ -261,7 +286,6 @@ class Fleet:
         try:
             version, patch = parse_push(payload, settings.fleet.trusted_keys, arrived)
         except PushError as exc:
-            daemon.last_apply = "rejected"
             return {"version": exc.version, "status": "rejected", "errors": exc.errors}
         current = self._overlay_doc()
         layers: dict[str, Any] = dict(current.get("layers") or {})
@@ -278,18 +302,15 @@ class Fleet:
             if name in layers:
                 effective = merge_patch(effective, layers[name]["settings"])
         try:
-            new = load_settings(daemon.config_path, use_overlay=False, overrides=effective)
+            new = load_settings(self.config_path, use_overlay=False, overrides=effective)
         except ConfigError as exc:
-            daemon.last_apply = "rejected"
             return {"version": version, "status": "rejected",
                     "errors": [f"settings.{p}: {m}" for p, m in exc.errors]}
         model_error = _model_outside(new) if "path" in (effective.get("model") or {}) else None
         if model_error:
-            daemon.last_apply = "rejected"
             return {"version": version, "status": "rejected", "errors": [model_error]}
-        plan_error = await asyncio.to_thread(_plan_error, settings, new)
+        plan_error = await asyncio.to_thread(self._plan_error, new)
         if plan_error:
-            daemon.last_apply = "rejected"
             return {"version": version, "status": "rejected", "errors": [plan_error]}
         new_doc = {"version": max(int(v["version"]) for v in layers.values()),
                    "settings": effective, "layers": layers}
@@ -298,15 +319,13 @@ class Fleet:
             settings.state_dir.mkdir(parents=True, exist_ok=True)
             await asyncio.to_thread(write_json_atomic, pending, new_doc)
         except OSError as exc:  # the atomic write left nothing behind
-            daemon.last_apply = "rejected"
             return {"version": version, "status": "rejected",
                     "errors": [f"(persist): cannot write {pending}: {exc.strerror or exc}; "
                                "the previous configuration is kept"]}
         try:
-            failure = await daemon.apply(new)
+            failure = await self._apply_settings(new)
         except Exception as exc:
             log.exception("fleet push failed while applying", version=version)
-            daemon.last_apply = "rolled_back"
             failure = f"(apply): {type(exc).__name__}: {exc}"
         if failure is not None:  # the overlay on disk is still the last good one
             pending.unlink(missing_ok=True)
@@ -325,23 +344,6 @@ def _promote(pending: Path, path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def _plan_error(old: Settings, new: Settings) -> str | None:
-    """Why ``new`` cannot be planned here (runtime.threads above the CPUs, a context that
-    does not fit, a folder that is no model), checked before the push is persisted or
-    applied, so that it is rejected and never kept. Only when the push changes the plan:
-    the memory probed now is what the running model leaves, which a reload would see too."""
-    # imported here: the daemon loads onnxruntime-genai, which `config push` does not need
-    from edgeagent.daemon import needs_reload, plan_for
-
-    if not needs_reload(old, new):
-        return None
-    try:
-        plan_for(new)
-    except PlanError as exc:
-        return f"(plan): {exc}"
-    return None
-
-
 def _model_outside(new: Settings) -> str | None:
     if new.model.path is None:
         return None
@@ -351,74 +353,3 @@ def _model_outside(new: Settings) -> str | None:
         return f"settings.model.path: must be inside {models}"
     return None
 
-
-# ---------------------------------------------------------------- operator commands
-def keygen_main(prefix: Path) -> int:
-    """Write ``PREFIX.key`` (private, 0600) and ``PREFIX.pub`` (for fleet.trusted_keys)."""
-    key = Ed25519PrivateKey.generate()
-    private = prefix.with_suffix(".key")
-    public = prefix.with_suffix(".pub")
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                          serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    private.chmod(0o600)
-    public.write_bytes(key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    print(f"private key: {private}\npublic key:  {public} (list it in fleet.trusted_keys)")
-    return 0
-
-
-def push_main(url: str, target: str, is_group: bool, file: Path, sign_key: Path | None,
-              prefix: str, timeout: float) -> int:
-    """Publish a push, retained; for one device, wait for its report and print it."""
-    import queue
-
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    from edgeagent.bus import broker_address
-
-    doc = json.loads(file.read_text(encoding="utf-8"))
-    wanted = {"group" if is_group else "device": target}
-    if doc.setdefault("target", wanted) != wanted:
-        print(f"error: {file} is for {doc['target']}, not {wanted}", flush=True)
-        return 2
-    if sign_key is not None:
-        key = serialization.load_pem_private_key(sign_key.read_bytes(), password=None)
-        if not isinstance(key, Ed25519PrivateKey):
-            print("error: --sign needs an Ed25519 private key", flush=True)
-            return 2
-        doc["signature"] = sign(doc, key)
-    desired = (f"{prefix}/group/{target}/config/desired" if is_group
-               else f"{prefix}/{target}/config/desired")
-    reported = f"{prefix}/{target}/config/reported"
-    settings = Settings(mqtt={"url": url})
-    host, port = broker_address(settings.mqtt)
-    inbox: queue.Queue[dict[str, Any]] = queue.Queue()
-    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                         protocol=mqtt.MQTTv5)
-    # a retained report is an old one: wait for the answer to this push
-    client.on_message = lambda _c, _u, m: None if m.retain else inbox.put(json.loads(m.payload))
-    client.connect(host, port)
-    client.loop_start()
-    try:
-        if not is_group:
-            client.subscribe(reported, qos=1)
-        client.publish(desired, json.dumps(doc), qos=1, retain=True).wait_for_publish(10)
-        print(f"pushed version {doc.get('version')} to {desired}")
-        if is_group:
-            return 0
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                report = inbox.get(timeout=left)
-            except queue.Empty:
-                break
-            if report.get("version") == doc.get("version"):
-                print(json.dumps(report, indent=2))
-                return 0 if report.get("status") == "applied" else 1
-        print(f"no report for version {doc.get('version')} within {timeout}s")
-        return 1
-    finally:
-        client.disconnect()
-        client.loop_stop()

@@ -4,33 +4,41 @@ counters at scrape time, never counted a second time."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from edgeagent.daemon import Daemon
+
+@dataclass(frozen=True)
+class Figures:
+    """What a scrape reads, at scrape time."""
+
+    ready: bool
+    uptime_s: float
+    counters: dict[str, int]  # transports', telemetry's, the fleet's
+    serving: dict[str, Any] | None  # the scheduler's snapshot, once the model is loaded
 
 
-class DaemonCollector(Collector):
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+class FiguresCollector(Collector):
+    def __init__(self, figures: Figures) -> None:
+        self.figures = figures
 
     def collect(self) -> Iterator[Metric]:
-        d = self.daemon
+        f = self.figures
         yield GaugeMetricFamily("edgeagent_ready", "1 when the model is loaded and serving",
-                                value=1.0 if d.ready else 0.0)
+                                value=1.0 if f.ready else 0.0)
         yield GaugeMetricFamily("edgeagent_uptime_seconds", "Seconds since start",
-                                value=d.uptime())
-        for name, value in d.transport_counters().items():
+                                value=f.uptime_s)
+        for name, value in f.counters.items():
             yield CounterMetricFamily(f"edgeagent_{name}", name.replace("_", " "),
                                       value=float(value))
-        if d.scheduler is None:
+        if f.serving is None:
             return
-        snap = d.scheduler.snapshot()
+        snap = f.serving
         yield GaugeMetricFamily("edgeagent_queue_depth", "Requests waiting for a batch slot",
                                 value=snap["queue_depth"])
         yield GaugeMetricFamily("edgeagent_active_sequences", "Sequences being generated",
@@ -65,7 +73,7 @@ class DaemonCollector(Collector):
         yield ttft
 
 
-def render_metrics(daemon: Daemon) -> tuple[bytes, str]:
+def render_metrics(figures: Figures) -> tuple[bytes, str]:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DaemonCollector(daemon))
+    registry.register(FiguresCollector(figures))
     return generate_latest(registry), CONTENT_TYPE_LATEST

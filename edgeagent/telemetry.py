@@ -14,30 +14,49 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psutil
 import structlog
 
 from edgeagent import __version__, bus
 from edgeagent.manifest import manifest_summary, write_text_atomic
+from edgeagent.planner import Plan
 from edgeagent.probe import probe
-from edgeagent.settings import existing_ancestor
-
-if TYPE_CHECKING:
-    from edgeagent.daemon import Daemon
-    from edgeagent.transports.mqtt import MqttTransport
+from edgeagent.publisher import Publisher
+from edgeagent.settings import Settings, existing_ancestor
 
 log = structlog.get_logger(__name__)
 
 SPOOL_FILE = "telemetry.jsonl"
 
 
+@dataclass(frozen=True)
+class Vitals:
+    """The daemon's figures a document reports, read when it is collected."""
+
+    uptime_s: float
+    ready: bool
+    model_id: str
+    manifest: dict[str, object] | None
+    plan: Plan | None
+    serving: dict[str, Any] | None  # the scheduler's snapshot
+    counters: dict[str, int]  # every component's, as /metrics shows them
+    config: dict[str, object]  # the configuration in effect: version, hash, last apply
+
+
 class Telemetry:
-    def __init__(self, daemon: Daemon, mqtt: MqttTransport) -> None:
-        self.daemon = daemon
-        self.mqtt = mqtt
+    """Receives the ``publisher`` it sends through, the running ``settings`` and the
+    daemon's ``vitals``; never the daemon."""
+
+    def __init__(self, publisher: Publisher, settings: Callable[[], Settings],
+                 vitals: Callable[[], Vitals]) -> None:
+        self.publisher = publisher
+        self.settings = settings
+        self.vitals = vitals
         self.seq = 0
         self.dropped = 0
         self.published = 0
@@ -54,7 +73,7 @@ class Telemetry:
 
     @property
     def topic(self) -> str:
-        return bus.telemetry_topic(self.daemon.settings)
+        return bus.telemetry_topic(self.settings())
 
     @property
     def buffered(self) -> int:
@@ -67,7 +86,7 @@ class Telemetry:
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        self.mqtt.on_connected.append(lambda _client: self._wake.set())
+        self.publisher.on_connected(self._wake.set)
         self._thread.start()
 
     def interval_changed(self) -> None:
@@ -82,7 +101,7 @@ class Telemetry:
     def _run(self) -> None:
         last = float("-inf")
         while not self._stop:
-            interval = self.daemon.settings.telemetry.interval_s  # live: re-read each time
+            interval = self.settings().telemetry.interval_s  # live: re-read each time
             now = time.monotonic()
             if now >= last + interval:
                 last = now
@@ -97,7 +116,7 @@ class Telemetry:
 
     # ------------------------------------------------------------ buffer
     def _enqueue(self, doc: str) -> None:
-        limit = self.daemon.settings.telemetry.buffer_max
+        limit = self.settings().telemetry.buffer_max
         with self._lock:
             self._buffer.append(doc)
             while len(self._buffer) > limit:
@@ -105,15 +124,13 @@ class Telemetry:
                 self.dropped += 1
 
     def _flush(self) -> None:
-        client = self.mqtt.client
-        if client is None or not client.is_connected():
+        if not self.publisher.connected:
             self._save_spool()
             return
         with self._lock:
             pending = list(self._buffer)
         for doc in pending:
-            info = client.publish(self.topic, doc, qos=1)
-            if info.rc != 0:
+            if not self.publisher.publish(self.topic, doc):
                 break  # the connection went away: keep the rest, in order
             with self._lock:
                 self._buffer.popleft()
@@ -121,7 +138,7 @@ class Telemetry:
         self._save_spool()
 
     def _spool_path(self) -> Path | None:
-        spool = self.daemon.settings.telemetry.spool_dir
+        spool = self.settings().telemetry.spool_dir
         return spool / SPOOL_FILE if spool is not None else None
 
     def _save_spool(self) -> None:
@@ -164,12 +181,11 @@ class Telemetry:
 
     # ------------------------------------------------------------ the document
     def collect(self) -> dict[str, Any]:
-        d = self.daemon
-        s = d.settings
+        d = self.vitals()
+        s = self.settings()
         self.seq += 1
         hw = probe(s.runtime.probe_root)
-        snap = d.scheduler.snapshot() if d.scheduler is not None else None
-        transport = d.transport_counters()
+        transport = d.counters
         plan = d.plan
         try:
             free_disk = psutil.disk_usage(str(existing_ancestor(s.state_dir))).free
@@ -181,7 +197,7 @@ class Telemetry:
             "seq": self.seq,
             "device_id": s.device_id,
             "version": __version__,
-            "uptime_s": round(d.uptime(), 1),
+            "uptime_s": round(d.uptime_s, 1),
             "cpu": {
                 "percent": psutil.cpu_percent(None),
                 "process_percent": self._process.cpu_percent(None),
@@ -204,13 +220,13 @@ class Telemetry:
                 "context_length": plan.context_length if plan else None,
                 "threads": plan.threads if plan else None,
             },
-            "serving": snap,
+            "serving": d.serving,
             "mqtt": {
-                "state": self.mqtt.state(),
+                "state": self.publisher.state(),
                 "reconnects": transport.get("mqtt_reconnects", 0),
                 "buffered": transport.get("mqtt_buffered", 0),
                 "dropped": self.dropped,
             },
             "telemetry": {"buffered": self.buffered, "dropped": self.dropped},
-            "config": d.config_status(),
+            "config": d.config,
         }

@@ -116,7 +116,7 @@ def test_healthy_needs_recent_scheduler_progress(the_plan: Plan) -> None:
     fake = FakeEngine(the_plan)
     daemon = Daemon(Settings(stall_timeout_s=30))
     sched = daemon.scheduler = _scheduler(fake, the_plan, daemon.settings)
-    daemon.state = "ready"
+    daemon.serving.serve(sched, the_plan, None)
     sched.start()
     try:
         assert daemon.healthy()

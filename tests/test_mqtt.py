@@ -112,7 +112,8 @@ def test_streaming_in_order_and_cancel(start_daemon: Any, broker: Broker) -> Non
         r.publish(f"edgeagent/{_device(d)}/cancel", json.dumps({"id": "long-1"}),
                   response=False)
         rest = r.until_final()
-        assert rest[-1]["choices"][0]["finish_reason"] == "cancelled"
+        # as on the socket: OpenAI has no "cancelled"; the short stream shows the cancel
+        assert rest[-1]["choices"][0]["finish_reason"] == "stop"
         assert len(rest) < 400
 
 

@@ -1,13 +1,6 @@
-"""Transports: the ways in for requests. Each submits to the one scheduler."""
+"""Transports: the ways in for requests (the Unix socket, MQTT).
 
-from __future__ import annotations
-
-from edgeagent.daemon import TransportFactory
-
-
-def default_transports() -> list[TransportFactory]:
-    """Every transport the daemon runs; each decides from the settings whether it is on."""
-    from edgeagent.transports.http import HttpTransport
-    from edgeagent.transports.mqtt import MqttTransport
-
-    return [HttpTransport, MqttTransport]
+Each one frames bytes and talks to the model only through the serving interface
+(:class:`edgeagent.serving.ServingClient`); the daemon builds and wires them. They do not
+import each other, nor the daemon (import-linter contracts in pyproject.toml).
+"""

@@ -16,10 +16,9 @@ import os
 import socket
 import stat
 import threading
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 import uvicorn
@@ -32,11 +31,13 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from edgeagent import __version__, protocol
 from edgeagent.engine import Delta, Finish
-from edgeagent.metrics import render_metrics
 from edgeagent.scheduler import AdmissionError, Item, Job, JobError
+from edgeagent.serving import ServingClient
+from edgeagent.settings import Settings
 
-if TYPE_CHECKING:
-    from edgeagent.daemon import Daemon
+#: The daemon's /health document, and its /metrics body with its content type.
+Health = Callable[[], dict[str, Any]]
+Metrics = Callable[[], tuple[bytes, str]]
 
 log = structlog.get_logger(__name__)
 
@@ -233,30 +234,26 @@ class BodyLimit:
 
 
 # ------------------------------------------------------------------ app
-def _err(status: int, message: str, code: str | None = None, param: str | None = None,
-         type_: str | None = None) -> JSONResponse:
-    kind = type_ or ("invalid_request_error" if status < 500 else "server_error")
-    return JSONResponse(protocol.error_body(message, kind, code, param), status_code=status)
+def _err(status: int, message: str, code: str | None = None,
+         param: str | None = None) -> JSONResponse:
+    return JSONResponse(protocol.error_body(message, protocol.error_type(status), code, param),
+                        status_code=status)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    parts = []
-    first_param = None
-    for err in exc.errors():
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        path = ".".join(loc)
-        first_param = first_param or path or None
-        parts.append(f"{path or 'body'}: {err.get('msg')}")
-    return "; ".join(parts) or "invalid request", first_param
+def _job_error(err: JobError | AdmissionError) -> JSONResponse:
+    return JSONResponse(protocol.job_error_body(err), status_code=err.status)
 
 
-def create_app(daemon: Daemon) -> FastAPI:
+def create_app(serving: ServingClient, health: Health, metrics: Metrics,
+               created: int) -> FastAPI:
+    """The API over ``serving``; ``health`` and ``metrics`` render the daemon's figures,
+    ``created`` (Unix time) dates the model list."""
     app = FastAPI(title="edgeagent", version=__version__,
                   description="OpenAI-compatible API of an edgeagent gateway daemon.")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
+        message, param = protocol.validation_message(exc.errors())
         return _err(400, message, "invalid_request", param)
 
     @app.exception_handler(StarletteHTTPException)
@@ -265,7 +262,7 @@ def create_app(daemon: Daemon) -> FastAPI:
 
     @app.exception_handler(AdmissionError)
     async def _admission(_: Request, exc: AdmissionError) -> JSONResponse:
-        return _err(exc.status, exc.message, exc.code, exc.param)
+        return _job_error(exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -273,52 +270,33 @@ def create_app(daemon: Daemon) -> FastAPI:
         return _err(500, "internal error", "internal_error")
 
     @app.get("/health")
-    async def health() -> JSONResponse:
-        doc = daemon.health()
-        return JSONResponse(doc, status_code=200 if daemon.ready else 503)
+    async def health_() -> JSONResponse:
+        return JSONResponse(health(), status_code=200 if serving.ready else 503)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
-        body, content_type = render_metrics(daemon)
+    async def metrics_() -> Response:
+        body, content_type = metrics()
         return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        created = int(daemon.started_wall)
         return {"object": "list", "data": [
             {"id": mid, "object": "model", "created": created, "owned_by": "edgeagent"}
-            for mid in protocol.model_ids(daemon.settings)]}
+            for mid in serving.model_ids()]}
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(
         body: protocol.ChatCompletionRequest, request: Request
     ) -> Response:
-        scheduler = _ready(daemon)
-        prepared = protocol.prepare_chat(body, scheduler.engine, daemon.settings,
-                                         daemon.model_id)
-        return await _serve(daemon, request, prepared, chat=True, stream=body.stream)
+        prepared = serving.prepare_chat(body)
+        return await _serve(serving, request, prepared, chat=True, stream=body.stream)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: protocol.CompletionRequest, request: Request) -> Response:
-        scheduler = _ready(daemon)
-        prepared = protocol.prepare_completion(body, scheduler.engine, daemon.settings,
-                                               daemon.model_id)
-        return await _serve(daemon, request, prepared, chat=False, stream=body.stream)
+        prepared = serving.prepare_completion(body)
+        return await _serve(serving, request, prepared, chat=False, stream=body.stream)
 
     return app
-
-
-class _Loading(AdmissionError):
-    status = 503
-    code = "model_loading"
-
-
-def _ready(daemon: Daemon) -> Any:
-    if daemon.scheduler is None or not daemon.ready:
-        message = ("the model is still loading" if daemon.state in ("starting", "loading")
-                   else "the daemon is shutting down")
-        raise _Loading(message)
-    return daemon.scheduler
 
 
 class _Bridge:
@@ -367,17 +345,13 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def _serve(daemon: Daemon, request: Request, prepared: protocol.Prepared, *,
+async def _serve(serving: ServingClient, request: Request, prepared: protocol.Prepared, *,
                  chat: bool, stream: bool) -> Response:
-    scheduler = daemon.scheduler
-    assert scheduler is not None
     bridge = _Bridge()
-    job = Job(prepared.prompt_tokens, prepared.sampling, bridge.sink,
-              deadline=time.monotonic() + daemon.settings.limits.request_timeout_s,
-              guidance=prepared.guidance, transport="http")
-    scheduler.submit(job)  # AdmissionError -> its status via the handler
+    job = protocol.to_job(prepared, bridge.sink, "http")
+    serving.submit(job)  # AdmissionError -> its status via the handler
     if stream:
-        return StreamingResponse(_sse(scheduler, job, bridge, prepared, chat),
+        return StreamingResponse(_sse(serving, job, bridge, prepared, chat),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     watcher = asyncio.ensure_future(_wait_disconnect(request))
@@ -389,34 +363,26 @@ async def _serve(daemon: Daemon, request: Request, prepared: protocol.Prepared, 
                                          return_when=asyncio.FIRST_COMPLETED)
             if getter not in done:
                 getter.cancel()
-                scheduler.cancel(job)  # the client went away
+                serving.cancel(job)  # the client went away
                 return Response(status_code=499)
             for item in getter.result():
                 if isinstance(item, Delta):
                     parts.append(item.text)
                 elif isinstance(item, JobError):
-                    return _err(item.status, item.message, item.code)
+                    return _job_error(item)
                 else:
-                    return _completion(prepared, item, "".join(parts) + item.tail, chat)
+                    doc = protocol.answer(prepared, "".join(parts) + item.tail, item, chat)
+                    return _job_error(doc) if isinstance(doc, JobError) else JSONResponse(doc)
     finally:
         watcher.cancel()
-
-
-def _completion(prepared: protocol.Prepared, fin: Finish, text: str, chat: bool) -> Response:
-    render = protocol.chat_completion if chat else protocol.text_completion
-    try:
-        doc = render(prepared, text, fin.reason, fin.prompt_tokens, fin.completion_tokens)
-    except (ValueError, KeyError) as exc:
-        return _err(500, f"the guided output did not parse: {exc}", "guidance_error")
-    return JSONResponse(doc)
 
 
 def _sse_line(doc: dict[str, Any]) -> str:
     return f"data: {json.dumps(doc, separators=(',', ':'))}\n\n"
 
 
-async def _sse(scheduler: Any, job: Job, bridge: _Bridge, prepared: protocol.Prepared,
-               chat: bool) -> AsyncIterator[str]:
+async def _sse(serving: ServingClient, job: Job, bridge: _Bridge,
+               prepared: protocol.Prepared, chat: bool) -> AsyncIterator[str]:
     """Server-sent events; a client that goes away cancels the job (the finally below)."""
     finished = False
     try:
@@ -430,54 +396,22 @@ async def _sse(scheduler: Any, job: Job, bridge: _Bridge, prepared: protocol.Pre
             if prepared.tool_mode:
                 held.extend(texts)
             elif any(texts):  # what arrived together goes out as one event
-                yield _sse_line(_delta(prepared, "".join(texts), chat))
+                yield _sse_line(protocol.delta_chunk(prepared, "".join(texts), chat))
             last = items[-1]
             if isinstance(last, JobError):
                 finished = True
-                yield _sse_line(protocol.error_body(
-                    last.message, "server_error" if last.status >= 500
-                    else "invalid_request_error", last.code))
+                yield _sse_line(protocol.job_error_body(last))
                 yield "data: [DONE]\n\n"
                 return
             if isinstance(last, Finish):
                 finished = True
-                for line in _final_chunks(prepared, last, held, chat):
-                    yield line
+                for doc in protocol.final_chunks(prepared, last, held, chat):
+                    yield _sse_line(doc)
                 yield "data: [DONE]\n\n"
                 return
     finally:
         if not finished:
-            scheduler.cancel(job)
-
-
-def _delta(prepared: protocol.Prepared, text: str, chat: bool) -> dict[str, Any]:
-    if chat:
-        return protocol.chat_chunk(prepared, {"content": text}, None)
-    return protocol.text_chunk(prepared, text, None)
-
-
-def _final_chunks(prepared: protocol.Prepared, fin: Finish, held: list[str],
-                  chat: bool) -> Iterator[str]:
-    reason = fin.reason if fin.reason in ("stop", "length") else "stop"
-    if prepared.tool_mode:
-        doc = protocol.chat_completion(prepared, "".join(held) + fin.tail, fin.reason,
-                                       fin.prompt_tokens, fin.completion_tokens)
-        message = doc["choices"][0]["message"]
-        delta: dict[str, Any] = {"content": message.get("content")}
-        if message.get("tool_calls"):
-            delta["tool_calls"] = [dict(c, index=i) for i, c in
-                                   enumerate(message["tool_calls"])]
-        yield _sse_line(protocol.chat_chunk(prepared, delta, None))
-        reason = doc["choices"][0]["finish_reason"]
-    elif fin.tail:
-        yield _sse_line(_delta(prepared, fin.tail, chat))
-    if chat:
-        yield _sse_line(protocol.chat_chunk(prepared, {}, reason))
-    else:
-        yield _sse_line(protocol.text_chunk(prepared, "", reason))
-    if prepared.include_usage:
-        yield _sse_line(protocol.usage_chunk(prepared, fin.prompt_tokens,
-                                             fin.completion_tokens))
+            serving.cancel(job)
 
 
 # ------------------------------------------------------------------ transport
@@ -488,16 +422,29 @@ class _Server(uvicorn.Server):
 
 
 class HttpTransport:
+    """The API socket. Its settings (socket, HTTP limits) are read once, at start."""
+
     name = "http"
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, settings: Settings, serving: ServingClient, health: Health,
+                 metrics: Metrics, created: int) -> None:
+        self.settings = settings
+        self.app = create_app(serving, health, metrics, created)
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
         self._owned_path: Path | None = None
 
+    def state(self) -> str:
+        return "on"
+
+    def counters(self) -> dict[str, int]:
+        return {}
+
+    def on_ready(self) -> None:
+        """Nothing to do: requests that came while the model loaded already got 503."""
+
     async def start(self) -> None:
-        settings = self.daemon.settings
+        settings = self.settings
         sockets = inherited_sockets()
         if sockets:
             log.info("using sockets from systemd socket activation", count=len(sockets))
@@ -510,7 +457,7 @@ class HttpTransport:
             self._owned_path = settings.socket.path
             if settings.socket.tcp_port is not None:
                 sockets.append(bind_tcp(settings.socket.tcp_host, settings.socket.tcp_port))
-        app = BodyLimit(create_app(self.daemon), settings.limits.max_body_bytes)
+        app = BodyLimit(self.app, settings.limits.max_body_bytes)
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
                                 server_header=False, http=GuardedHttpProtocol,

@@ -33,9 +33,9 @@ import random
 import ssl
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import structlog
@@ -45,13 +45,12 @@ from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import Field, ValidationError
 
 from edgeagent import protocol
-from edgeagent.bus import broker_address, make_client, reply_filters, topics
+from edgeagent.bus import broker_address, config_topics, make_client, reply_filters, topics
 from edgeagent.engine import Delta, Finish
+from edgeagent.publisher import Handler
 from edgeagent.scheduler import AdmissionError, Item, Job, JobError
-
-if TYPE_CHECKING:
-    from edgeagent.daemon import Daemon
-    from edgeagent.fleet import Fleet
+from edgeagent.serving import ServingClient
+from edgeagent.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -95,11 +94,14 @@ class Entry:
 
 
 class MqttTransport:
+    """Requests over MQTT, and the :class:`~edgeagent.publisher.Publisher` that telemetry
+    and fleet configuration use. Its settings are read once, at start."""
+
     name = "mqtt"
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.settings = daemon.settings
+    def __init__(self, settings: Settings, serving: ServingClient) -> None:
+        self.settings = settings
+        self.serving = serving
         self.client: mqtt.Client | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -114,8 +116,8 @@ class MqttTransport:
         self._held: list[tuple[mqtt.MQTTMessage, int]] = []  # arrived while loading
         self.replies: queue.SimpleQueue[tuple[_Reply, Item] | None] = queue.SimpleQueue()
         self._reply_thread: threading.Thread | None = None
-        self.on_connected: list[Any] = []  # callbacks(client) run after each (re)connect
-        self._fleet: Fleet | None = None
+        self._connected_callbacks: list[Callable[[], None]] = []
+        self._handlers: list[tuple[str, Handler]] = []  # (topic filter, handler)
         # The fleet's shared subscription rides on its own clean-session connection: a
         # persistent session would keep collecting this member's share while it is dead.
         self._share: mqtt.Client | None = None
@@ -131,12 +133,34 @@ class MqttTransport:
         out = {f"mqtt_{k}": v for k, v in self.stats.items()}
         if self.client is not None:
             out["mqtt_buffered"] = len(self.client._out_messages)
-        if self._fleet is not None:
-            out.update(self._fleet.counters())
         return out
 
+    @property
+    def enabled(self) -> bool:
+        return self.settings.mqtt.url is not None
+
+    # ------------------------------------------------------------ publisher
+    @property
+    def connected(self) -> bool:
+        return self.client is not None and self.client.is_connected()
+
+    def publish(self, topic: str, payload: str | bytes, retain: bool = False) -> bool:
+        if self.client is None:
+            return False
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
+
+    def subscribe(self, topic_filter: str, handler: Handler) -> None:
+        self._handlers.append((topic_filter, handler))
+        if self.connected:
+            assert self.client is not None
+            self.client.subscribe(topic_filter, qos=1)
+
+    def on_connected(self, callback: Callable[[], None]) -> None:
+        self._connected_callbacks.append(callback)
+
     async def start(self) -> None:
-        if self.settings.mqtt.url is None:
+        if not self.enabled:
             log.info("mqtt is off (no mqtt.url)")
             return
         self.host, self.port = broker_address(self.settings.mqtt)
@@ -241,8 +265,8 @@ class MqttTransport:
 
     def _status(self, state: str) -> str:
         return json.dumps({"state": state, "device_id": self.settings.device_id,
-                           "ts": time.time(), "model": self.daemon.model_id
-                           if self.daemon.ready else None})
+                           "ts": time.time(), "model": self.serving.model_id
+                           if self.serving.ready else None})
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                     properties: Properties | None) -> None:
@@ -266,8 +290,10 @@ class MqttTransport:
         if "fleet" in self.topics:
             # A session from an older version may still hold the shared subscription.
             client.unsubscribe(self.topics["fleet"])
-        for callback in self.on_connected:
-            callback(client)
+        for topic_filter, _ in self._handlers:
+            client.subscribe(topic_filter, qos=1)
+        for callback in self._connected_callbacks:
+            callback()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
                        reason: ReasonCode, properties: Properties | None) -> None:
@@ -286,8 +312,9 @@ class MqttTransport:
                 self._handle_request(msg, gen)
             else:
                 self._ack(msg.mid, msg.qos, gen)
-                if self._fleet is not None:
-                    self._fleet.on_message(msg.topic, bytes(msg.payload), self._publish_retained)
+                for topic_filter, handler in self._handlers:
+                    if mqtt.topic_matches_sub(topic_filter, msg.topic):
+                        handler(msg.topic, bytes(msg.payload))
         except Exception:
             # The network loop must never die on a message.
             self.stats["internal_errors"] += 1
@@ -330,8 +357,7 @@ class MqttTransport:
                 or len(topic.encode()) > MAX_TOPIC_BYTES):
             return False
         own = {t for k, t in self.topics.items() if k != "fleet"}  # not the $share filter
-        if self._fleet is not None:
-            own.update(self._fleet.topics().values())
+        own.update(config_topics(self.settings).values())
         return topic not in own and any(mqtt.topic_matches_sub(f, topic)
                                         for f in reply_filters(self.settings))
 
@@ -358,28 +384,9 @@ class MqttTransport:
         if route is None:
             self.stats["no_route"] += 1
         else:
-            body = protocol.error_body(message, "invalid_request_error" if status < 500
-                                       else "server_error", code)
-            body["error"]["status"] = status
-            self._publish(route, body)
+            self._publish(route, _error_doc(protocol.error_body(
+                message, protocol.error_type(status), code), status))
         self._ack(msg.mid, msg.qos, gen)
-
-    def attach_fleet(self, fleet: Fleet) -> None:
-        """Subscribe the configuration topics (now and after every reconnect) and route
-        them to ``fleet``."""
-        self._fleet = fleet
-
-        def subscribe(client: mqtt.Client) -> None:
-            topics = fleet.topics()
-            client.subscribe([(topics[k], 1) for k in ("device", "group") if k in topics])
-
-        self.on_connected.append(subscribe)
-        if self.client is not None and self.client.is_connected():
-            subscribe(self.client)
-
-    def _publish_retained(self, topic: str, payload: str) -> None:
-        if self.client is not None:
-            self.client.publish(topic, payload, qos=1, retain=True)
 
     def on_ready(self) -> None:
         """The model is loaded: handle the requests that arrived while it was loading."""
@@ -420,9 +427,9 @@ class MqttTransport:
     def _handle_request(self, msg: mqtt.MQTTMessage, gen: int) -> None:
         if not self._accepting:
             return  # not acknowledged: the broker delivers it again after the restart
-        if not self.daemon.ready:
+        if not self.serving.ready:
             with self._lock:
-                if not self.daemon.ready:  # re-checked: on_ready may have just run
+                if not self.serving.ready:  # re-checked: on_ready may have just run
                     self._held.append((msg, gen))
                     return
         self.stats["requests"] += 1
@@ -457,15 +464,11 @@ class MqttTransport:
         try:
             req = MqttChatRequest.model_validate(doc)
         except ValidationError as exc:
-            detail = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
-                               for e in exc.errors())
+            detail, _ = protocol.validation_message(exc.errors())
             self._reject(msg, gen, route, 400, "invalid_request", detail)
             return
         if req.deadline is not None and req.deadline <= time.time():
             self._reject(msg, gen, route, 408, "expired", "the request's deadline has passed")
-            return
-        if self.daemon.scheduler is None:
-            self._reject(msg, gen, route, 503, "unavailable", "the model is not ready")
             return
         self._submit(msg, gen, route, req)
 
@@ -501,33 +504,25 @@ class MqttTransport:
 
     def _submit(self, msg: mqtt.MQTTMessage, gen: int, route: Route,
                 req: MqttChatRequest) -> None:
-        daemon = self.daemon
-        scheduler = daemon.scheduler
-        assert scheduler is not None
         try:
-            prepared = protocol.prepare_chat(req, scheduler.engine, daemon.settings,
-                                             daemon.model_id)
+            prepared = self.serving.prepare_chat(req)
         except AdmissionError as exc:
             self._reject(msg, gen, route, exc.status, exc.code, exc.message)
             return
         if route.request_id is not None:
             prepared.id = route.request_id
-        deadline = time.monotonic() + daemon.settings.limits.request_timeout_s
         expiry = getattr(msg.properties, "MessageExpiryInterval", None) \
             if msg.properties is not None else None
-        if expiry:
-            deadline = min(deadline, time.monotonic() + float(expiry))
-        if req.deadline is not None:
-            deadline = min(deadline, time.monotonic() + (req.deadline - time.time()))
         entry = Entry(route, acks=[(msg.mid, msg.qos, gen)])
         reply = _Reply(self, entry, prepared, req.stream)
-        job = Job(prepared.prompt_tokens, prepared.sampling, reply.sink, deadline,
-                  guidance=prepared.guidance, transport="mqtt")
+        job = protocol.to_job(prepared, reply.sink, "mqtt",
+                              expiry_s=float(expiry) if expiry else None,
+                              unix_deadline=req.deadline)
         entry.job = job
         key = _dedup_key(route, msg.payload) or job.id
         self._remember(key, entry)
         try:
-            scheduler.submit(job)
+            self.serving.submit(job)
         except AdmissionError as exc:
             with self._lock:
                 self._recent.pop(key, None)
@@ -544,10 +539,10 @@ class MqttTransport:
         with self._lock:
             entry = next((e for e in reversed(self._recent.values())
                           if e.route.request_id == str(key) and not e.done), None)
-        if entry is None or entry.done or entry.job is None or self.daemon.scheduler is None:
+        if entry is None or entry.done or entry.job is None:
             log.info("cancel for an unknown or finished request", request_id=key)
             return
-        self.daemon.scheduler.cancel(entry.job)
+        self.serving.cancel(entry.job)
         self.stats["cancels"] += 1
 
     def finished(self, entry: Entry) -> None:
@@ -558,6 +553,13 @@ class MqttTransport:
             acks, entry.acks = entry.acks, []
         for mid, qos, gen in acks:
             self._ack(mid, qos, gen)
+
+
+def _error_doc(body: dict[str, Any], status: int) -> dict[str, Any]:
+    """An error reply: OpenAI's error object with the HTTP status it stands for (MQTT has
+    no status line)."""
+    body["error"]["status"] = status
+    return body
 
 
 def _dedup_key(route: Route, payload: bytes | bytearray) -> str | None:
@@ -617,10 +619,7 @@ class _Reply:
                 self.parts.append(item.text)
             return
         if isinstance(item, JobError):
-            body = protocol.error_body(item.message, "invalid_request_error"
-                                       if item.status < 500 else "server_error", item.code)
-            body["error"]["status"] = item.status
-            self._out(body)
+            self._out(_error_doc(protocol.job_error_body(item), item.status))
         elif isinstance(item, Finish):
             self._finish(item)
         self.t.finished(self.entry)
@@ -635,21 +634,12 @@ class _Reply:
         self._out(doc)
 
     def _finish(self, fin: Finish) -> None:
-        reason = fin.reason if fin.reason in ("stop", "length") else "stop"
-        if fin.reason == "cancelled":
-            reason = "cancelled"
-        usage = protocol.usage(fin.prompt_tokens, fin.completion_tokens)
-        if self.stream:
-            self._chunk({"content": fin.tail} if fin.tail else {}, reason, usage)
+        if self.stream:  # one last chunk: the held-back tail, the reason and the usage
+            self._chunk({"content": fin.tail} if fin.tail else {},
+                        protocol.finish_reason(fin.reason),
+                        protocol.usage(fin.prompt_tokens, fin.completion_tokens))
             return
-        text = "".join(self.parts) + fin.tail
-        try:
-            doc = protocol.chat_completion(self.p, text, fin.reason, fin.prompt_tokens,
-                                           fin.completion_tokens)
-        except (ValueError, KeyError) as exc:
-            self._out(protocol.error_body(f"the guided output did not parse: {exc}",
-                                          "server_error", "guidance_error"))
-            return
-        if fin.reason == "cancelled":
-            doc["choices"][0]["finish_reason"] = "cancelled"
+        doc = protocol.answer(self.p, "".join(self.parts) + fin.tail, fin, chat=True)
+        if isinstance(doc, JobError):
+            doc = _error_doc(protocol.job_error_body(doc), doc.status)
         self._out(doc)
