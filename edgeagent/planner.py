@@ -22,7 +22,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeagent.manifest import logits_last_position_only
+from edgeagent.manifest import (
+    GENAI_CONFIG_FILE,
+    config_int,
+    config_value,
+    decoder_geometry,
+    logits_last_position_only,
+    manifest_kv_bytes,
+)
 from edgeagent.probe import Hardware, format_cpu_list
 from edgeagent.settings import LimitsSettings, RuntimeSettings
 
@@ -43,9 +50,6 @@ MIN_PREFILL_CHUNK = 16
 LOGITS_BYTES_PER_ELEMENT = 4
 #: Attention scores are float32: heads x chunk x context for the sequence being prefilled.
 ATTENTION_BYTES_PER_ELEMENT = 4
-
-MANIFEST_FILE = "edgeagent-manifest.json"
-GENAI_CONFIG_FILE = "genai_config.json"
 
 #: File name endings counted as model weights.
 WEIGHT_SUFFIXES = (".onnx", ".onnx.data", ".onnx_data", ".data", ".ort", ".bin")
@@ -120,7 +124,8 @@ class ModelMeta:
 
     @classmethod
     def from_folder(cls, path: Path) -> ModelMeta:
-        """Read ``genai_config.json`` (and ``edgeagent-manifest.json`` when present)."""
+        """Read ``genai_config.json`` (and ``edgeagent-manifest.json`` when present), with
+        manifest.py's readers: the one place that knows those files."""
         config_path = path / GENAI_CONFIG_FILE
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -130,62 +135,27 @@ class ModelMeta:
             ) from exc
         except (OSError, ValueError) as exc:
             raise PlanError(f"{config_path} cannot be read: {exc}") from exc
-
-        def get(*keys: str) -> Any:
-            node: Any = config
-            for key in keys:
-                if not isinstance(node, dict) or key not in node:
-                    return None
-                node = node[key]
-            return node
-
-        def need_int(*keys: str, fallback: Any = None) -> int:
-            value = get(*keys)
-            if value is None:
-                value = fallback
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise PlanError(
-                    f"{config_path}: {'.'.join(keys)} must be a positive integer, got {value!r}"
-                )
-            return value
-
-        heads = get("model", "decoder", "num_attention_heads")
-        hidden = get("model", "decoder", "hidden_size")
-        head_size_fallback = (
-            hidden // heads
-            if isinstance(hidden, int) and isinstance(heads, int) and heads > 0
-            else None
-        )
-        kv_bytes = 4
-        manifest_path = path / MANIFEST_FILE
-        if manifest_path.exists():
-            try:
-                manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise PlanError(f"{manifest_path} cannot be read: {exc}") from exc
-            layout = manifest.get("kv_layout") if isinstance(manifest, dict) else None
-            if isinstance(layout, dict) and "bytes_per_element" in layout:
-                value = layout["bytes_per_element"]
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise PlanError(
-                        f"{manifest_path}: kv_layout.bytes_per_element must be a positive "
-                        f"integer, got {value!r}"
-                    )
-                kv_bytes = value
-
-        model_type = get("model", "type")
+        try:
+            geometry = decoder_geometry(config)
+            vocab_size = config_int(config, "model", "vocab_size")
+            max_context = config_int(config, "model", "context_length")
+        except ValueError as exc:
+            raise PlanError(f"{config_path}: {exc}") from exc
+        try:
+            kv_bytes = manifest_kv_bytes(path) or 4
+        except ValueError as exc:
+            raise PlanError(str(exc)) from exc
+        model_type = config_value(config, "model", "type")
         return cls(
             name=model_type if isinstance(model_type, str) and model_type else path.name,
-            num_hidden_layers=need_int("model", "decoder", "num_hidden_layers"),
-            num_key_value_heads=need_int(
-                "model", "decoder", "num_key_value_heads", fallback=heads
-            ),
-            head_size=need_int("model", "decoder", "head_size", fallback=head_size_fallback),
-            vocab_size=need_int("model", "vocab_size"),
-            max_context=need_int("model", "context_length"),
+            num_hidden_layers=geometry.num_hidden_layers,
+            num_key_value_heads=geometry.num_key_value_heads,
+            head_size=geometry.head_size,
+            vocab_size=vocab_size,
+            max_context=max_context,
             weights_bytes=_weights_bytes(path),
             kv_bytes_per_element=kv_bytes,
-            num_attention_heads=heads if isinstance(heads, int) and heads > 0 else 0,
+            num_attention_heads=geometry.num_attention_heads,
             last_logits_only=logits_last_position_only(path, config),
         )
 

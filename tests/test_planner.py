@@ -12,6 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edgeagent.manifest import (
+    DecoderGeometry,
+    ModelIntegrityError,
+    decoder_geometry,
+    read_kv_layout,
+)
 from edgeagent.planner import (
     CONTEXT_GRANULARITY,
     PREFILL_CHUNK,
@@ -171,6 +177,29 @@ def test_from_folder_errors(tmp_path: Path, config: Any, match: str) -> None:
     else:
         write_model(folder, config)
     with pytest.raises(PlanError, match=match):
+        ModelMeta.from_folder(folder)
+
+
+def test_one_reader_of_the_decoder_geometry(tmp_path: Path) -> None:
+    """The planner and the manifest read the same geometry, fallbacks included."""
+    config = json.loads(json.dumps(GENAI))
+    del config["model"]["decoder"]["head_size"]  # hidden_size / heads
+    del config["model"]["decoder"]["num_key_value_heads"]  # as many as the query heads
+    assert decoder_geometry(config) == DecoderGeometry(
+        num_hidden_layers=30, num_key_value_heads=9, head_size=64, num_attention_heads=9)
+    folder = write_model(tmp_path / "m", config)
+    assert read_kv_layout(folder)["bytes_per_token"] == ModelMeta.from_folder(
+        folder).kv_bytes_per_token == 2 * 30 * 9 * 64 * 4
+
+
+def test_both_readers_refuse_the_same_geometry(tmp_path: Path) -> None:
+    config = json.loads(json.dumps(GENAI))
+    config["model"]["decoder"]["num_key_value_heads"] = "3"
+    folder = write_model(tmp_path / "m", config)
+    why = r"num_key_value_heads must be a positive integer, got '3'"
+    with pytest.raises(ModelIntegrityError, match=why):
+        read_kv_layout(folder)
+    with pytest.raises(PlanError, match=why):
         ModelMeta.from_folder(folder)
 
 
