@@ -121,7 +121,6 @@ class Stats:
         default_factory=lambda: collections.deque(maxlen=1024)
     )
     decode_tps: float = 0.0  # exponential moving average of per-job decode tokens/s
-    steps: int = 0
 
 
 class Scheduler:
@@ -307,7 +306,6 @@ class Scheduler:
                     events = []
                     self._fail_running(f"engine failure: {exc}")
                 self.last_progress = time.monotonic()
-                self.stats.steps += 1
                 self._dispatch(events)
                 self._fail_lost()
             with self._cond:

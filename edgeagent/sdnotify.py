@@ -17,10 +17,6 @@ class Notifier:
         if self._address:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
 
-    @property
-    def enabled(self) -> bool:
-        return self._sock is not None
-
     def send(self, *fields: str) -> None:
         """Send ``KEY=value`` fields in one datagram; errors are not fatal to the daemon."""
         if self._sock is None or self._address is None:
