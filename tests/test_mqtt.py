@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import signal
 import subprocess
@@ -16,6 +15,7 @@ import pytest
 
 from tests.broker import Broker, Requester, password_broker, requester
 from tests.conftest import DaemonProc
+from tests.pki import make_pki
 
 pytestmark = [pytest.mark.model, pytest.mark.broker]
 
@@ -258,53 +258,8 @@ def test_wrong_password_is_refused_with_a_clear_log_line(
         b.stop()
 
 
-def _make_pki(dir_: Path) -> dict[str, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def cert(subject: str, key: Any, issuer: x509.Name, issuer_key: Any, ca: bool,
-             san: bool = False) -> x509.Certificate:
-        builder = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(issuer)
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None),
-                                  critical=True))
-        if san:
-            import ipaddress
-            builder = builder.add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                 x509.DNSName("localhost")]), critical=False)
-        return builder.sign(issuer_key, hashes.SHA256())
-
-    out = {}
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = cert("test-ca", ca_key, name("test-ca"), ca_key, True)
-    for label, key, c in (
-        ("ca", ca_key, ca),
-        ("server", (sk := ec.generate_private_key(ec.SECP256R1())),
-         cert("localhost", sk, name("test-ca"), ca_key, False, san=True)),
-        ("client", (ck := ec.generate_private_key(ec.SECP256R1())),
-         cert("gateway", ck, name("test-ca"), ca_key, False)),
-    ):
-        (dir_ / f"{label}.pem").write_bytes(c.public_bytes(serialization.Encoding.PEM))
-        (dir_ / f"{label}.key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-        out[label] = dir_ / f"{label}.pem"
-        out[label + "_key"] = dir_ / f"{label}.key"
-    return out
-
-
 def test_mutual_tls_with_a_client_certificate(start_daemon: Any, tmp_path: Path) -> None:
-    pki = _make_pki(tmp_path)
+    pki = make_pki(tmp_path)
     b = Broker(tmp_path / "tlsbroker", (
         f"allow_anonymous true\ncafile {pki['ca']}\ncertfile {pki['server']}\n"
         f"keyfile {pki['server_key']}\nrequire_certificate true\n"))

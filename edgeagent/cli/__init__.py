@@ -1,4 +1,8 @@
-"""The ``edgeagent`` command line."""
+"""The ``edgeagent`` command line: the only importer of the daemon (``run``, ``ask --local``).
+
+Each command imports what it needs when it runs, so that the clients (``ask``, ``config
+push``, ``doctor``) never load the model runtime.
+"""
 
 from __future__ import annotations
 
@@ -39,9 +43,8 @@ def _print_config_errors(exc: Any) -> None:
 # ---------------------------------------------------------------- commands
 def cmd_run(args: argparse.Namespace) -> int:
     from edgeagent.daemon import run
-    from edgeagent.transports import default_transports
 
-    return run(args.config, default_transports())
+    return run(args.config)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -66,9 +69,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from edgeagent import client
+    from edgeagent.cli.ask import ask
 
-    return client.ask(args)
+    return ask(args)
 
 
 def cmd_model_build(args: argparse.Namespace) -> int:
@@ -101,16 +104,38 @@ def cmd_model_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_config_push(args: argparse.Namespace) -> int:
-    from edgeagent.fleet import push_main
+#: ``config push`` flags that override an ``mqtt.*`` setting of ``--config``.
+PUSH_MQTT_FLAGS = {"mqtt": "url", "topic_prefix": "topic_prefix", "username": "username",
+                   "password_file": "password_file", "ca_file": "ca_file",
+                   "cert_file": "cert_file", "key_file": "key_file"}
 
-    target = args.group or args.device
-    return push_main(args.mqtt, target, args.group is not None, args.file, args.sign,
-                     args.topic_prefix, args.timeout)
+
+def cmd_config_push(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from edgeagent.cli.push import push_main
+    from edgeagent.settings import MqttSettings
+
+    settings = _settings(args)
+    flags = {key: getattr(args, flag) for flag, key in PUSH_MQTT_FLAGS.items()
+             if getattr(args, flag) is not None}
+    try:  # validated as the daemon validates them (an empty topic prefix, ...)
+        mqtt = MqttSettings.model_validate({**settings.mqtt.model_dump(), **flags})
+    except ValidationError as exc:
+        for err in exc.errors():
+            print(f"error: mqtt.{'.'.join(map(str, err['loc']))}: {err['msg']}",
+                  file=sys.stderr)
+        return EXIT_USAGE
+    if mqtt.url is None:
+        print("error: no broker: give --mqtt URL, or mqtt.url in --config", file=sys.stderr)
+        return EXIT_USAGE
+    layer, target = ("group", args.group) if args.group is not None else ("device", args.device)
+    return push_main(settings.model_copy(update={"mqtt": mqtt}), layer, target, args.file,
+                     args.sign, args.timeout)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from edgeagent.fleet import keygen_main
+    from edgeagent.cli.push import keygen_main
 
     return keygen_main(args.prefix)
 
@@ -209,16 +234,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config_show)
     p = config.add_parser("reference", help="print the configuration reference (markdown)")
     p.set_defaults(func=cmd_config_reference)
-    p = config.add_parser("push", help="push a fleet configuration (retained) over MQTT")
-    p.add_argument("--mqtt", required=True, metavar="URL", help="mqtt://host:port")
+    p = config.add_parser("push", help="push a fleet configuration (retained) over MQTT",
+                          description="Connect as the daemon does (the mqtt settings of "
+                          "--config; each flag overrides one), publish the push retained and "
+                          "wait for the broker's acknowledgement; with --device, wait for "
+                          "the device's report.")
+    _add_config(p)
+    p.add_argument("--mqtt", default=None, metavar="URL",
+                   help="mqtt://host:port or mqtts://host:port (default: mqtt.url)")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--device", help="one gateway: waits for its report")
     target.add_argument("--group", help="every gateway of a fleet group")
     p.add_argument("file", type=Path, help='JSON: {"version": N, "settings": {...}}')
     p.add_argument("--sign", type=Path, default=None, metavar="KEYFILE",
                    help="Ed25519 private key (edgeagent keygen)")
-    p.add_argument("--topic-prefix", default="edgeagent")
-    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--topic-prefix", default=None, help="default: mqtt.topic_prefix")
+    p.add_argument("--username", default=None, help="default: mqtt.username")
+    p.add_argument("--password-file", type=Path, default=None,
+                   help="default: mqtt.password_file, else the credential mqtt_password")
+    p.add_argument("--ca-file", type=Path, default=None, help="CA bundle for mqtts://")
+    p.add_argument("--cert-file", type=Path, default=None, help="client certificate")
+    p.add_argument("--key-file", type=Path, default=None, help="client key")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds to wait for each answer of the broker, and for the report")
     p.set_defaults(func=cmd_config_push)
 
     p = sub.add_parser("keygen", help="make an Ed25519 key pair for signing fleet pushes")
