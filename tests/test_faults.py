@@ -167,7 +167,8 @@ def test_killed_while_a_push_is_applied_boots_the_last_good_overlay(
     """A push is written aside (``fleet-overlay.pending.json``) and replaces the overlay only
     once applied. Killed in between (here: the file such a kill leaves, naming a model that
     does not load), the daemon boots with the last good overlay instead of exiting 3, and
-    the retained push, delivered again, is refused with a report."""
+    the retained push, delivered again, is refused with a report (``rejected``: the push is
+    planned before anything is applied, and the broken model has no geometry to plan)."""
     toml = f'[mqtt]\nurl = "{broker.url}"\n[runtime]\ncontext_length = 1024\n'
     state = tmp_path / "d-state"
     bad_model = state / "models" / "broken"
@@ -186,7 +187,7 @@ def test_killed_while_a_push_is_applied_boots_the_last_good_overlay(
         d: DaemonProc = start_daemon(extra_toml=toml)
         d.wait_ready()
         report = _until(r, lambda t, doc, _c: t == REPORTED and doc.get("version") == 2)
-        assert report["status"] == "rolled_back", report
+        assert report["status"] == "rejected", report
         assert report["errors"], report
         _chat_over_socket(d)
         assert "interrupted before it was applied" in d.logs()
