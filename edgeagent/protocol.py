@@ -65,9 +65,24 @@ class Message(Strict):
     tool_call_id: str | None = None
 
     def text(self) -> str:
+        """The text the model sees; an assistant's tool calls as the envelope it answered
+        them in (see ``tool_guidance``), so a conversation keeps the calls it made."""
+        if self.tool_calls:
+            return json.dumps({"tool_calls": [
+                {"name": c.function.name, "arguments": _arguments(c.function.arguments)}
+                for c in self.tool_calls]})
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+
+def _arguments(text: str) -> Any:
+    """A call's arguments: the JSON object OpenAI sends as a string (kept as a string when
+    it does not parse)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 class FunctionDef(Strict):
@@ -147,7 +162,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str
-    echo: bool = False
+    echo: bool = Field(default=False, description="Put the prompt before the completion.")
 
 
 @dataclass
@@ -163,6 +178,7 @@ class Prepared:
     tool_mode: bool  # the output is our tool envelope, parsed at the end
     include_usage: bool
     deadline: float = float("inf")  # time.monotonic(): limits.request_timeout_s from now
+    echo: str = ""  # text completions: the prompt, asked back before the completion
     #: The engine generation that tokenized it: it runs on that engine or is refused.
     generation: int | None = None
 
@@ -361,7 +377,7 @@ def prepare_chat(req: ChatCompletionRequest, engine: Engine, settings: Settings,
     rid, created = _new("chatcmpl")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return Prepared(rid, req.model, created, tokens, sampling, guidance, tool_mode,
-                    include_usage, _deadline(settings), generation)
+                    include_usage, _deadline(settings), generation=generation)
 
 
 def _deadline(settings: Settings) -> float:
@@ -389,7 +405,7 @@ def prepare_completion(req: CompletionRequest, engine: Engine, settings: Setting
     rid, created = _new("cmpl")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return Prepared(rid, req.model, created, tokens, sampling, None, False, include_usage,
-                    _deadline(settings), generation)
+                    _deadline(settings), req.prompt if req.echo else "", generation)
 
 
 # -------------------------------------------------------------- rendering
@@ -432,6 +448,13 @@ def answer(p: Prepared, text: str, fin: Finish, chat: bool) -> dict[str, Any] | 
         return render_completion(p, text, fin, chat)
     except (ValueError, KeyError) as exc:
         return JobError(500, "guidance_error", f"the guided output did not parse: {exc}")
+
+
+def first_chunks(p: Prepared, chat: bool) -> list[dict[str, Any]]:
+    """The chunks that open a stream: the assistant's role, or an echoed prompt."""
+    if chat:
+        return [chat_chunk(p, {"role": "assistant", "content": ""}, None)]
+    return [text_chunk(p, p.echo, None)] if p.echo else []
 
 
 def delta_chunk(p: Prepared, text: str, chat: bool) -> dict[str, Any]:
@@ -503,7 +526,7 @@ def text_completion(p: Prepared, text: str, reason: str, prompt_tokens: int,
                     completion_tokens: int) -> dict[str, Any]:
     return {
         "id": p.id, "object": "text_completion", "created": p.created, "model": p.model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason(reason),
+        "choices": [{"index": 0, "text": p.echo + text, "finish_reason": finish_reason(reason),
                      "logprobs": None}],
         "usage": usage(prompt_tokens, completion_tokens),
     }

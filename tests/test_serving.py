@@ -213,3 +213,32 @@ def test_error_type_follows_the_status() -> None:
     body = protocol.job_error_body(JobError(500, "engine_error", "boom"))
     assert body["error"]["type"] == "server_error"
     assert body["error"]["code"] == "engine_error"
+
+
+# ------------------------------------------------------------------ fields that were ignored
+def test_echo_puts_the_prompt_before_the_completion(serving: Serving) -> None:
+    p = serving.prepare_completion(protocol.CompletionRequest(prompt="Once", echo=True))
+    whole = protocol.render_completion(p, " upon", Finish("stop", 4, 1), chat=False)
+    assert whole["choices"][0]["text"] == "Once upon"
+    streamed = protocol.first_chunks(p, chat=False)
+    assert [c["choices"][0]["text"] for c in streamed] == ["Once"]
+    plain = serving.prepare_completion(protocol.CompletionRequest(prompt="Once"))
+    assert protocol.render_completion(plain, " upon", Finish("stop", 4, 1),
+                                      chat=False)["choices"][0]["text"] == " upon"
+    assert protocol.first_chunks(plain, chat=False) == []
+
+
+def test_an_earlier_tool_call_reaches_the_model(serving: Serving) -> None:
+    """An assistant message that called a tool is shown to the model as the call it made
+    (in the envelope the daemon asks for), not as an empty message."""
+    req = protocol.ChatCompletionRequest.model_validate({"messages": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function",
+             "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "-3 C"}], "max_tokens": 1})
+    answer = Answer()
+    serving.submit(protocol.to_job(serving.prepare_chat(req), answer.sink, "test"))
+    seen = answer.result()
+    assert isinstance(seen, str)
+    assert '{"tool_calls": [{"name": "weather", "arguments": {"city": "Oslo"}}]}' in seen

@@ -386,9 +386,8 @@ async def _sse(serving: ServingClient, job: Job, bridge: _Bridge,
     """Server-sent events; a client that goes away cancels the job (the finally below)."""
     finished = False
     try:
-        if chat:
-            yield _sse_line(protocol.chat_chunk(prepared, {"role": "assistant", "content": ""},
-                                                None))
+        for doc in protocol.first_chunks(prepared, chat):
+            yield _sse_line(doc)
         held: list[str] = []  # tool envelopes are parsed whole, then sent as one delta
         while True:
             items = await bridge.take()
