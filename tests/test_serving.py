@@ -1,4 +1,6 @@
-"""The serving interface in process, over fake engines (no model, milliseconds).
+"""The serving interface in process, over fake engines (no model, milliseconds): each
+fake engine has a tokenizer of its own, so a request run on another engine than the one that
+tokenized it reads as nonsense.
 
 What transports see of the model: prepare a request against the engine that will run it,
 submit, cancel, status; and the response policy both transports render with.
@@ -8,83 +10,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from typing import Any, cast
+from typing import cast
 
-import numpy as np
 import pytest
 
 from edgeagent import protocol
-from edgeagent.engine import Delta, Engine, Finish, Sampling, Sequence, StopMatcher
-from edgeagent.planner import Plan
+from edgeagent.engine import Delta, Engine, Finish
 from edgeagent.scheduler import AdmissionError, Item, JobError, Scheduler
 from edgeagent.serving import Serving
 from edgeagent.settings import Settings
+from edgeagent.testing.fake_engine import FakeEngine, fake_plan
 
-PLAN = Plan(threads=1, context_length=1024, max_batch=1, provider="cpu",
-            max_prompt_tokens=512, available_bytes=2**30, weights_bytes=0,
-            kv_bytes_per_token=0, kv_bytes=0, prefill_chunk=256, logits_bytes=0,
-            attention_bytes=0, headroom_bytes=0, total_bytes=0)
-
-
-class TokenizingEngine:
-    """An engine whose tokenizer is its own: token ids start at ``base``, so tokens made by
-    another engine's tokenizer decode to nonsense here. A sequence's first token is the
-    prompt as this engine reads it, then one "." a step up to max_tokens. Steps wait on
-    ``gate``."""
-
-    def __init__(self, name: str, base: int, plan: Plan = PLAN) -> None:
-        self.name = name
-        self.base = base
-        self.plan = plan
-        self.capacity = plan.max_batch
-        self.held: list[Sequence] = []
-        self.gate = threading.Event()
-        self.gate.set()
-        self.stepping = threading.Event()
-
-    def encode(self, text: str) -> np.ndarray:
-        return np.asarray([self.base + ord(c) for c in text], dtype=np.int32)
-
-    def chat_tokens(self, messages: list[dict[str, Any]]) -> np.ndarray:
-        return self.encode("".join("".join(m["content"]) for m in messages))
-
-    def check_guidance(self, guidance: tuple[str, str], sampling: Sampling) -> None:
-        pass
-
-    def _decode(self, tokens: np.ndarray) -> str:
-        return "".join(chr(t - self.base) if 0 <= t - self.base < 0x110000 else "?"
-                       for t in tokens.tolist())
-
-    def start(self, prompt: np.ndarray, sampling: Sampling,
-              guidance: tuple[str, str] | None = None) -> Sequence:
-        seq = Sequence(np.asarray(prompt), sampling, guidance, sampling.max_tokens, None,
-                       StopMatcher(()), np.random.default_rng(0))
-        self.held.append(seq)
-        return seq
-
-    def cancel(self, seq: Sequence) -> None:
-        seq.cancel_requested = True
-
-    def holds(self, seq: Sequence) -> bool:
-        return seq in self.held
-
-    def step(self) -> list[tuple[Sequence, Delta | Finish]]:
-        self.stepping.set()
-        assert self.gate.wait(30), "the test never released the step"
-        out: list[tuple[Sequence, Delta | Finish]] = []
-        for seq in list(self.held):
-            if seq.cancel_requested:
-                self.held.remove(seq)
-                out.append((seq, Finish("cancelled", len(seq.prompt), len(seq.produced))))
-                continue
-            first = not seq.produced
-            seq.produced.append(1)
-            out.append((seq, Delta(1, f"{self.name}:{self._decode(seq.prompt)}" if first
-                                   else ".")))
-            if len(seq.produced) >= seq.max_new:
-                self.held.remove(seq)
-                out.append((seq, Finish("length", len(seq.prompt), len(seq.produced))))
-        return out
+PLAN = fake_plan(max_batch=1)  # one slot: a second request waits in the queue
 
 
 class Answer:
@@ -108,12 +45,12 @@ class Answer:
 
 
 @pytest.fixture
-def engine_a() -> TokenizingEngine:
-    return TokenizingEngine("A", 1000)
+def engine_a() -> FakeEngine:
+    return FakeEngine(PLAN, "A", 1000)
 
 
 @pytest.fixture
-def serving(engine_a: TokenizingEngine) -> Iterator[Serving]:
+def serving(engine_a: FakeEngine) -> Iterator[Serving]:
     settings = Settings()
     serving = Serving(settings)
     scheduler = Scheduler(cast(Engine, engine_a), PLAN, settings)
@@ -133,14 +70,14 @@ def _send(serving: Serving, prompt: str) -> Answer:
 
 
 def test_a_swap_runs_each_request_on_the_engine_that_tokenized_it(
-        serving: Serving, engine_a: TokenizingEngine) -> None:
+        serving: Serving, engine_a: FakeEngine) -> None:
     """A model swap while requests wait: those tokenized by the old engine finish on it,
     those prepared after the swap was asked for run on the new one."""
     engine_a.gate.clear()
     running = _send(serving, "one")
     assert engine_a.stepping.wait(30)
     queued = _send(serving, "two")  # waits: one slot, taken
-    serving.swap(cast(Engine, TokenizingEngine("B", 5000)), PLAN, None)
+    serving.swap(cast(Engine, FakeEngine(PLAN, "B", 5000)), PLAN, None)
     after = _send(serving, "three")
     engine_a.gate.set()
     assert running.result() == "A:one"
@@ -152,7 +89,7 @@ def test_a_swap_runs_each_request_on_the_engine_that_tokenized_it(
 def test_a_request_prepared_for_a_replaced_engine_is_refused(serving: Serving) -> None:
     """Prepared, then the model changed under it before it was submitted: 503, retry."""
     stale = serving.prepare_completion(protocol.CompletionRequest(prompt="old"))
-    serving.swap(cast(Engine, TokenizingEngine("B", 5000)), PLAN, None)
+    serving.swap(cast(Engine, FakeEngine(PLAN, "B", 5000)), PLAN, None)
     assert _send(serving, "new").result() == "B:new"  # the swap has happened
     with pytest.raises(AdmissionError) as refused:
         serving.submit(protocol.to_job(stale, Answer().sink, "test"))
@@ -170,7 +107,7 @@ def test_not_ready_is_503_loading() -> None:
     assert serving.status()["status"] == "loading"
 
 
-def test_cancel_reaches_the_job(serving: Serving, engine_a: TokenizingEngine) -> None:
+def test_cancel_reaches_the_job(serving: Serving, engine_a: FakeEngine) -> None:
     engine_a.gate.clear()
     answer = Answer()
     prepared = serving.prepare_completion(protocol.CompletionRequest(prompt="long",
