@@ -120,6 +120,11 @@ def _runtime_message(exc: Exception) -> str:
 
 
 class Daemon:
+    """The composition root. Serving and the transports exist from the start (the socket
+    answers 503 while the model loads); the scheduler once the model is loaded; telemetry
+    and fleet configuration once ready, when MQTT is on. Stop order: telemetry, the
+    transports stop accepting, the scheduler drains, the transports close."""
+
     def __init__(self, settings: Settings, config_path: Path | None = None) -> None:
         self.settings = settings
         self.config_path = config_path
