@@ -18,9 +18,9 @@ from edgeagent.daemon import Daemon
 from edgeagent.engine import Engine, Finish, Sampling
 from edgeagent.planner import ModelMeta, Plan, plan
 from edgeagent.probe import probe
-from edgeagent.scheduler import Item, Job, JobError, Scheduler
+from edgeagent.scheduler import Job, JobError, Scheduler
 from edgeagent.settings import LimitsSettings, RuntimeSettings, Settings
-from edgeagent.testing.fake_engine import LOSE, FakeEngine
+from edgeagent.testing.fake_engine import LOSE, Collector, FakeEngine
 from tests.conftest import DaemonProc
 
 pytestmark = pytest.mark.model
@@ -39,21 +39,6 @@ def engine(default_model: Path, the_plan: Plan) -> Engine:
     return Engine(default_model, the_plan)
 
 
-class Collector:
-    """A job's sink: the items, and an event once the last one has come."""
-
-    def __init__(self) -> None:
-        self.items: list[Item] = []
-        self.done = threading.Event()
-
-    def sink(self, item: Item) -> None:
-        self.items.append(item)
-        if isinstance(item, (Finish, JobError)):
-            self.done.set()
-
-    def final(self, timeout: float = 60.0) -> Item:
-        assert self.done.wait(timeout), f"no answer within {timeout}s: {self.items}"
-        return self.items[-1]
 
 
 def _job(sampling: Sampling, guidance: tuple[str, str] | None = None,

@@ -3,7 +3,6 @@ subprocess, milliseconds (the fast lane)."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import cast
 
@@ -11,26 +10,9 @@ import numpy as np
 import pytest
 
 from edgeagent.engine import Engine, Finish, Sampling
-from edgeagent.scheduler import Item, Job, JobError, QueueFull, Scheduler
+from edgeagent.scheduler import Job, JobError, QueueFull, Scheduler
 from edgeagent.settings import Settings
-from edgeagent.testing.fake_engine import FAIL, FakeEngine
-
-
-class Collector:
-    """A job's sink: the items, and an event once the last one has come."""
-
-    def __init__(self) -> None:
-        self.items: list[Item] = []
-        self.done = threading.Event()
-
-    def sink(self, item: Item) -> None:
-        self.items.append(item)
-        if isinstance(item, (Finish, JobError)):
-            self.done.set()
-
-    def final(self, timeout: float = 30.0) -> Item:
-        assert self.done.wait(timeout), f"no answer within {timeout}s: {self.items}"
-        return self.items[-1]
+from edgeagent.testing.fake_engine import FAIL, Collector, FakeEngine
 
 
 def job(max_tokens: int = 3, guidance: tuple[str, str] | None = None

@@ -8,40 +8,25 @@ submit, cancel, status; and the response policy both transports render with.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import cast
 
 import pytest
 
 from edgeagent import protocol
-from edgeagent.engine import Delta, Engine, Finish
-from edgeagent.scheduler import AdmissionError, Item, JobError, Scheduler
+from edgeagent.engine import Engine, Finish
+from edgeagent.scheduler import AdmissionError, JobError, Scheduler
 from edgeagent.serving import Serving
 from edgeagent.settings import Settings
-from edgeagent.testing.fake_engine import FakeEngine, fake_plan
+from edgeagent.testing.fake_engine import Collector, FakeEngine, fake_plan
 
 PLAN = fake_plan(max_batch=1)  # one slot: a second request waits in the queue
 
 
-class Answer:
-    """A job's sink: its items, and an event once the last has come."""
-
-    def __init__(self) -> None:
-        self.items: list[Item] = []
-        self.done = threading.Event()
-
-    def sink(self, item: Item) -> None:
-        self.items.append(item)
-        if isinstance(item, (Finish, JobError)):
-            self.done.set()
-
+class Answer(Collector):
     def result(self, timeout: float = 30) -> str | JobError:
-        assert self.done.wait(timeout), f"no answer within {timeout}s: {self.items}"
-        last = self.items[-1]
-        if isinstance(last, JobError):
-            return last
-        return "".join(i.text for i in self.items if isinstance(i, Delta))
+        last = self.final(timeout)
+        return last if isinstance(last, JobError) else self.text()
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import numpy as np
 
 from edgeagent.engine import Delta, Finish, Sampling, Sequence, StopMatcher
 from edgeagent.planner import Plan
+from edgeagent.scheduler import Item, JobError
 
 #: A guidance the fake engine drops without a Finish, as the engine once did.
 LOSE = ("lose", "")
@@ -113,3 +114,24 @@ class FakeEngine:
             self.held.remove(seq)
             out.append((seq, Finish("length", len(seq.prompt), len(seq.produced))))
         return out
+
+
+class Collector:
+    """A job's sink: the items, and an event once the last one (Finish or JobError) has
+    come; tests wait on it, never on time."""
+
+    def __init__(self) -> None:
+        self.items: list[Item] = []
+        self.done = threading.Event()
+
+    def sink(self, item: Item) -> None:
+        self.items.append(item)
+        if isinstance(item, (Finish, JobError)):
+            self.done.set()
+
+    def final(self, timeout: float = 60.0) -> Item:
+        assert self.done.wait(timeout), f"no answer within {timeout}s: {self.items}"
+        return self.items[-1]
+
+    def text(self) -> str:
+        return "".join(i.text for i in self.items if isinstance(i, Delta))
