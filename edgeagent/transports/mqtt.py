@@ -45,7 +45,14 @@ from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import Field, ValidationError
 
 from edgeagent import protocol
-from edgeagent.bus import broker_address, config_topics, make_client, reply_filters, topics
+from edgeagent.bus import (
+    broker_address,
+    config_topics,
+    make_client,
+    reply_filters,
+    telemetry_topic,
+    topics,
+)
 from edgeagent.engine import Delta, Finish
 from edgeagent.publisher import Handler
 from edgeagent.scheduler import AdmissionError, Item, Job, JobError
@@ -358,6 +365,7 @@ class MqttTransport:
             return False
         own = {t for k, t in self.topics.items() if k != "fleet"}  # not the $share filter
         own.update(config_topics(self.settings).values())
+        own.add(telemetry_topic(self.settings))
         return topic not in own and any(mqtt.topic_matches_sub(f, topic)
                                         for f in reply_filters(self.settings))
 
