@@ -52,6 +52,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from edgeagent.probe import probe
 
     settings = _settings(args)
+    if not args.offline:
+        running = _running_plan(settings.socket.path)
+        if running is not None:
+            return _print_running_plan(settings.socket.path, running, args.json)
     hw = probe(settings.runtime.probe_root)
     try:
         meta = ModelMeta.from_folder(settings.model_path)
@@ -60,11 +64,48 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"hardware": hw.to_dict(), "model": str(settings.model_path),
-                          "plan": the_plan.to_dict()}, indent=2))
+        print(json.dumps({"source": "computed", "hardware": hw.to_dict(),
+                          "model": str(settings.model_path), "plan": the_plan.to_dict()},
+                         indent=2))
     else:
         print(f"model: {settings.model_path}")
         print(the_plan.describe())
+    return 0
+
+
+def _running_plan(socket_path: Path) -> dict[str, Any] | None:
+    """The /health document of a daemon that answers on ``socket_path`` with a plan (it
+    has loaded its model), else None. The plan a daemon runs is what matters on a running
+    gateway: a configuration edited since, or memory its model now uses, plan otherwise."""
+    from edgeagent.cli.ask import UnixHTTPConnection
+
+    conn = UnixHTTPConnection(socket_path, timeout=5.0)
+    try:
+        conn.request("GET", "/health")
+        doc = json.loads(conn.getresponse().read())
+    except (OSError, ValueError):
+        return None  # nobody listens (or not a daemon): compute the plan
+    finally:
+        conn.close()
+    return doc if isinstance(doc, dict) and isinstance(doc.get("plan"), dict) else None
+
+
+def _print_running_plan(socket_path: Path, health: dict[str, Any], as_json: bool) -> int:
+    import dataclasses
+
+    from edgeagent.planner import Plan
+
+    model = (health.get("model") or {}).get("path")
+    if as_json:
+        print(json.dumps({"source": "daemon", "socket": str(socket_path), "model": model,
+                          "plan": health["plan"]}, indent=2))
+        return 0
+    names = {f.name for f in dataclasses.fields(Plan)}
+    the_plan = Plan(**{k: v for k, v in health["plan"].items() if k in names})
+    print(f"a daemon is running on {socket_path} ({health.get('status')}); its plan "
+          "(--offline: the plan this configuration would get):")
+    print(f"model: {model}")
+    print(the_plan.describe())
     return 0
 
 
@@ -160,7 +201,9 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    print(json.dumps(settings.model_dump(mode="json"), indent=2))
+    doc = settings.model_dump(mode="json")
+    doc["socket"]["mode"] = oct(settings.socket.mode)  # 0o660, as chmod and TOML write it
+    print(json.dumps(doc, indent=2))
     return 0
 
 
@@ -183,9 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("plan", help="show how the daemon would size itself on this machine")
+    p = sub.add_parser("plan", help="show how the running daemon sized itself (--offline: "
+                       "how it would size itself on this machine)")
     _add_config(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--offline", action="store_true",
+                   help="compute the plan even when a daemon answers on the socket")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("ask", help="one-shot generation (through the daemon's socket)")
