@@ -14,6 +14,7 @@ from collections.abc import Sequence as SequenceT
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edgeagent.engine import Engine, Finish, GuidanceError, Plain, Sampling
@@ -27,9 +28,21 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Lenient(BaseModel):
+    """Inside a message OpenAI ignores fields it does not know; so does the daemon."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
 class InvalidRequest(AdmissionError):
     status = 400
     code = "invalid_request_error"
+
+
+class Unsupported(InvalidRequest):
+    """A valid OpenAI request asking for something this daemon cannot do."""
+
+    code = "unsupported"
 
 
 class ModelNotFound(AdmissionError):
@@ -41,30 +54,84 @@ class ModelLoading(Unavailable):
     code = "model_loading"
 
 
-class TextPart(Strict):
-    type: Literal["text"]
-    text: str
+# -------------------------------------------------------------- what each field gets
+# Every request field says what the daemon does with it: "supported"; "ignored" (accepted,
+# no effect, and why); or "refused" (accepted only at the neutral values listed, anything
+# else is a 400 "unsupported: <field>"). docs/openai-compat.md is generated from these.
+SUPPORT = "x-support"
+WHY = "x-why"
+NEUTRAL = "x-neutral"
 
 
-class FunctionCall(Strict):
+def supported(default: Any = None, why: str = "", **kw: Any) -> Any:
+    return Field(default, json_schema_extra={SUPPORT: "supported", WHY: why}, **kw)
+
+
+def ignored(why: str, default: Any = None, **kw: Any) -> Any:
+    return Field(default, json_schema_extra={SUPPORT: "ignored", WHY: why}, **kw)
+
+
+def refused(why: str, neutral: list[Any], default: Any = None, **kw: Any) -> Any:
+    return Field(default, json_schema_extra={SUPPORT: "refused", WHY: why, NEUTRAL: neutral},
+                 **kw)
+
+
+def support_of(info: Any) -> dict[str, Any]:
+    """A field's support note (``x-support``, ``x-why``, ``x-neutral``)."""
+    extra = info.json_schema_extra
+    return extra if isinstance(extra, dict) else {}
+
+
+def refuse_unsupported(req: BaseModel) -> None:
+    """400 "unsupported: <field>" for the first refused field set to a non-neutral value."""
+    for name, info in type(req).model_fields.items():
+        note = support_of(info)
+        if note.get(SUPPORT) != "refused":
+            continue
+        value = getattr(req, name)
+        if isinstance(value, BaseModel):
+            value = value.model_dump(exclude_unset=True)
+        if value not in note[NEUTRAL]:
+            raise Unsupported(f"unsupported: {name}={json.dumps(value)[:80]}: {note[WHY]}",
+                              name)
+
+
+# -------------------------------------------------------------- messages
+class ContentPart(Lenient):
+    type: Literal["text", "refusal", "image_url", "input_audio", "file"]
+    text: str | None = None
+    refusal: str | None = None
+
+    def value(self, where: str) -> str:
+        if self.type == "text" and self.text is not None:
+            return self.text
+        if self.type == "refusal" and self.refusal is not None:
+            return self.refusal
+        if self.type in ("text", "refusal"):
+            raise InvalidRequest(f"a {self.type} part needs its {self.type} field", where)
+        raise Unsupported(f"unsupported: {where} of type {self.type}: the model reads text "
+                          "only", where)
+
+
+class FunctionCall(Lenient):
     name: str
     arguments: str
 
 
-class ToolCall(Strict):
+class ToolCall(Lenient):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class Message(Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+class Message(Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
-    def text(self) -> str:
+    def text(self, where: str = "messages") -> str:
         """The text the model sees; an assistant's tool calls as the envelope it answered
         them in (see ``tool_guidance``), so a conversation keeps the calls it made."""
         if self.tool_calls:
@@ -72,7 +139,8 @@ class Message(Strict):
                 {"name": c.function.name, "arguments": _arguments(c.function.arguments)}
                 for c in self.tool_calls]})
         if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+            return "".join(part.value(f"{where}.content.{i}")
+                           for i, part in enumerate(self.content))
         return self.content or ""
 
 
@@ -122,26 +190,44 @@ class ResponseFormat(Strict):
 
 class StreamOptions(Strict):
     include_usage: bool = False
+    include_obfuscation: bool | None = Field(
+        default=None, description="Ignored: a local socket has no side channel to pad.")
+
+
+INT64 = 2**63
+PENALTY = "not implemented yet"
+NOT_STORED = "nothing is stored or logged per user"
 
 
 class SamplingFields(Strict):
     """Fields shared by chat and text completions."""
 
-    model: str = MODEL_PREFIX
-    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
-    min_tokens: int | None = Field(default=None, ge=0, le=1_000_000,
-                                   description="vLLM extension: no end of sequence before it.")
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0, description="Extension: top-k sampling.")
-    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=1, description="Only one choice is supported.")
-    user: str | None = None
+    model: str = supported(MODEL_PREFIX, "`edgeagent`, the model's id, or "
+                           "`edgeagent:<profile>`")
+    max_tokens: int | None = supported(None, ge=1, le=1_000_000)
+    min_tokens: int | None = supported(None, "extension (vLLM): no end of sequence before it",
+                                       ge=0, le=1_000_000)
+    temperature: float | None = supported(None, ge=0, le=2)
+    top_p: float | None = supported(None, gt=0, le=1)
+    top_k: int | None = supported(None, "extension: top-k sampling", ge=0)
+    repetition_penalty: float | None = supported(None, "extension (vLLM, HF): multiplicative "
+                                                 "penalty on repeated tokens", gt=0, le=10)
+    frequency_penalty: float | None = refused(PENALTY, [None, 0], ge=-2, le=2)
+    presence_penalty: float | None = refused(PENALTY, [None, 0], ge=-2, le=2)
+    logit_bias: dict[str, int] | None = refused("not implemented", [None, {}])
+    stop: str | list[str] | None = supported(None, "up to 4 strings, kept out of the text")
+    seed: int | None = supported(None, "int64; the same seed reproduces the output; -1 means "
+                                 "random", ge=-INT64, le=INT64 - 1)
+    stream: bool = supported(False, "server-sent events ending in `data: [DONE]`")
+    stream_options: StreamOptions | None = supported(
+        None, "`include_usage`; `include_obfuscation` ignored; only with `stream`")
+    n: int | None = refused("one choice per request for now", [None, 1], ge=1, le=128)
+    user: str | None = ignored(NOT_STORED)
+
+    @field_validator("stream", "echo", mode="before", check_fields=False)
+    @classmethod
+    def _null_is_false(cls, value: Any) -> Any:
+        return False if value is None else value  # OpenAI types them Optional[bool]
 
     @field_validator("stop")
     @classmethod
@@ -151,18 +237,60 @@ class SamplingFields(Strict):
             raise ValueError("stop takes up to 4 non-empty strings")
         return value
 
+    def token_cap(self) -> int | None:
+        return self.max_tokens
+
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[Message] = Field(min_length=1)
-    tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    response_format: ResponseFormat | None = None
-    parallel_tool_calls: bool | None = None
+    messages: list[Message] = supported(..., "text content (image, audio and file parts are "
+                                        "refused); `name` and `tool_call_id` reach the chat "
+                                        "template; unknown message fields are ignored",
+                                        min_length=1)
+    max_completion_tokens: int | None = supported(None, "as max_tokens", ge=1, le=1_000_000)
+    tools: list[Tool] | None = supported(None, "function tools, constrained decoding")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = supported(
+        None, "`required` or a named function needs `tools`")
+    parallel_tool_calls: bool | None = supported(None, "false: at most one call")
+    response_format: ResponseFormat | None = supported(
+        None, "`text`, `json_object`, `json_schema` (constrained decoding)")
+    logprobs: bool | None = refused("not implemented yet", [None, False])
+    top_logprobs: int | None = refused("not implemented yet", [None, 0], ge=0, le=20)
+    audio: dict[str, Any] | None = refused("the model writes text only", [None])
+    modalities: list[Literal["text", "audio"]] | None = refused(
+        "the model writes text only", [None, ["text"]])
+    functions: list[dict[str, Any]] | None = refused(
+        "deprecated by OpenAI: send `tools`", [None, []])
+    function_call: Literal["none", "auto"] | NamedFunction | None = refused(
+        "deprecated by OpenAI: send `tool_choice`", [None, "none", "auto"])
+    web_search_options: dict[str, Any] | None = refused("no web search on a gateway", [None])
+    moderation: dict[str, Any] | None = refused("no moderation model on a gateway", [None])
+    service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = (
+        refused("one tier: requests are served in order of arrival",
+                [None, "auto", "default"]))
+    prediction: dict[str, Any] | None = ignored(
+        "a speed hint; the output does not depend on it")
+    reasoning_effort: str | None = ignored("the model has no separate reasoning to bound")
+    verbosity: Literal["low", "medium", "high"] | None = ignored(
+        "the model has no verbosity control")
+    metadata: dict[str, str] | None = ignored(NOT_STORED)
+    store: bool | None = ignored(NOT_STORED)
+    safety_identifier: str | None = ignored(NOT_STORED)
+    prompt_cache_key: str | None = ignored("no prompt cache across requests")
+    prompt_cache_options: dict[str, Any] | None = ignored("no prompt cache across requests")
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = ignored(
+        "no prompt cache across requests")
+
+    def token_cap(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str
-    echo: bool = Field(default=False, description="Put the prompt before the completion.")
+    prompt: str | list[str] | list[int] | list[list[int]] = supported(
+        ..., "a string; a list of one string; token ids; a list of one token-id list")
+    echo: bool = supported(False, "the prompt before the completion")
+    logprobs: int | None = refused("not implemented yet", [None], ge=0, le=5)
+    best_of: int | None = refused("one candidate per choice", [None, 1], ge=1, le=20)
+    suffix: str | None = refused("the model has no fill-in-the-middle mode", [None, ""])
 
 
 @dataclass
@@ -307,7 +435,7 @@ def parse_tool_envelope(text: str) -> tuple[str | None, list[dict[str, Any]] | N
 # -------------------------------------------------------------- preparing
 def _sampling(req: SamplingFields, profile: ProfileSettings, prompt_len: int,
               settings: Settings, context_length: int) -> Sampling:
-    max_tokens = req.max_completion_tokens or req.max_tokens
+    max_tokens = req.token_cap()
     if max_tokens is None:
         max_tokens = min(profile.max_tokens or settings.limits.default_max_tokens,
                          max(1, context_length - prompt_len))
@@ -324,7 +452,7 @@ def _sampling(req: SamplingFields, profile: ProfileSettings, prompt_len: int,
         repetition_penalty=req.repetition_penalty or profile.repetition_penalty or 1.0,
         min_tokens=req.min_tokens or 0,
         stop=tuple(stops),
-        seed=req.seed,
+        seed=None if req.seed == -1 else req.seed,  # -1: random, as vLLM and llama.cpp
     )
 
 
@@ -332,15 +460,37 @@ def _new(kind: str) -> tuple[str, int]:
     return f"{kind}-{uuid.uuid4().hex[:24]}", int(time.time())
 
 
+def _check_common(req: SamplingFields) -> None:
+    """What OpenAI refuses besides the schema, and what this daemon cannot honour."""
+    if req.stream_options is not None and not req.stream:
+        raise InvalidRequest("stream_options is only allowed when stream is true",
+                             "stream_options")
+    refuse_unsupported(req)
+
+
+def _template_message(m: Message, where: str) -> dict[str, Any]:
+    """A message as the chat template gets it: the role it knows (developer is system, the
+    deprecated function is tool), the text, and a tool result's ``name`` and
+    ``tool_call_id`` so the template can render it against its call."""
+    role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
+    out: dict[str, Any] = {"role": role, "content": [Plain(m.text(where))]}
+    if m.name is not None:
+        out["name"] = m.name
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
 def prepare_chat(req: ChatCompletionRequest, engine: Engine, settings: Settings,
                  model_id: str, generation: int | None = None) -> Prepared:
+    _check_common(req)
+    if req.tool_choice not in (None, "none", "auto") and not req.tools:
+        raise InvalidRequest("tool_choice other than none or auto needs tools", "tool_choice")
     profile = resolve_profile(req.model, settings, model_id)
     # Every content the client sent is Plain: tokenized as text, never as control tokens.
     # Only what the daemon itself adds (the profile's system prompt, the tools note) is
     # template text.
-    messages: list[dict[str, Any]] = [
-        {"role": "system" if m.role == "developer" else m.role, "content": [Plain(m.text())]}
-        for m in req.messages]
+    messages = [_template_message(m, f"messages.{i}") for i, m in enumerate(req.messages)]
     if profile.system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": [profile.system_prompt]})
     guidance: tuple[str, str] | None = None
@@ -397,15 +547,37 @@ def _check_guidance(engine: Engine, guidance: tuple[str, str], sampling: Samplin
 
 def prepare_completion(req: CompletionRequest, engine: Engine, settings: Settings,
                        model_id: str, generation: int | None = None) -> Prepared:
+    _check_common(req)
     profile = resolve_profile(req.model, settings, model_id)
-    if not req.prompt:
-        raise InvalidRequest("prompt must not be empty", "prompt")
-    tokens = engine.encode(req.prompt)
+    tokens, text = _prompt(req.prompt, engine)
     sampling = _sampling(req, profile, len(tokens), settings, engine.plan.context_length)
     rid, created = _new("cmpl")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return Prepared(rid, req.model, created, tokens, sampling, None, False, include_usage,
-                    _deadline(settings), req.prompt if req.echo else "", generation)
+                    _deadline(settings), text if req.echo else "", generation)
+
+
+def _prompt(prompt: str | list[str] | list[int] | list[list[int]], engine: Engine
+            ) -> tuple[Any, str]:
+    """A completion prompt's tokens and text, from any of OpenAI's four shapes."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidRequest("prompt must not be empty", "prompt")
+        return engine.encode(prompt), prompt
+    if not prompt:
+        raise InvalidRequest("prompt must not be empty", "prompt")
+    if not all(isinstance(t, int) for t in prompt):
+        raise Unsupported(f"unsupported: prompt with {len(prompt)} prompts: send one per "
+                          "request", "prompt")
+    ids = [int(t) for t in prompt]  # type: ignore[arg-type]
+    bad = [t for t in ids if not 0 <= t < engine.vocab_size]
+    if bad:
+        raise InvalidRequest(f"prompt token {bad[0]} is outside the vocabulary "
+                             f"(0..{engine.vocab_size - 1})", "prompt")
+    tokens = np.asarray(ids, dtype=np.int32)
+    return tokens, str(engine.tokenizer.decode(tokens))
 
 
 # -------------------------------------------------------------- rendering
