@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import structlog
 
 from edgeagent import log as logsetup
+from edgeagent import rollout
 from edgeagent.engine import Engine
 from edgeagent.fleet import Fleet
 from edgeagent.manifest import ModelIntegrityError, verify_model
@@ -174,9 +175,13 @@ class Daemon:
         version = None
         with contextlib.suppress(OSError, ValueError, AttributeError):
             version = json.loads(self.settings.overlay_path.read_text()).get("version")
-        return {"version": version,
-                "hash": hashlib.sha256(effective.encode()).hexdigest()[:16],
-                "last_apply": self.last_apply}
+        doc: dict[str, object] = {
+            "version": version, "hash": hashlib.sha256(effective.encode()).hexdigest()[:16],
+            "last_apply": self.last_apply}
+        progress = self.fleet.rollout_status() if self.fleet is not None else None
+        if progress is not None:  # a model being rolled out: telemetry shows how far
+            doc["rollout"] = progress
+        return doc
 
     def health(self) -> dict[str, Any]:
         """What /health reports: state, plan, model, versions, transports, serving figures."""
@@ -311,6 +316,15 @@ class Daemon:
             return f"(plan): {exc}"
         return None
 
+    def _canary(self, engine: Engine, new: Settings) -> str | None:
+        """Run the canary prompts on the new ``engine`` (not yet serving) against the serving
+        model's recent decode speed."""
+        baseline = (self.serving.status().get("serving") or {}).get("decode_tokens_per_s")
+        try:
+            return rollout.canary(engine, new.fleet.canary, baseline)
+        except Exception as exc:  # a model that cannot even answer is a failed canary
+            return f"{type(exc).__name__}: {exc}"
+
     def _record_apply(self, outcome: str) -> None:
         """A fleet push's outcome that ``apply`` did not see (rejected before it)."""
         self.last_apply = outcome
@@ -343,6 +357,8 @@ class Daemon:
 
     async def shutdown(self) -> None:
         self.serving.draining()
+        if self.fleet is not None:
+            self.fleet.stop()  # a model download ends; the next start resumes it
         if self.telemetry is not None:
             await asyncio.to_thread(self.telemetry.stop)
         self.notifier.send("STOPPING=1", "STATUS=draining")
@@ -375,13 +391,14 @@ class Daemon:
             return
         await self.apply(new)
 
-    async def apply(self, new: Settings) -> str | None:
+    async def apply(self, new: Settings, canary: bool = False) -> str | None:
         """Apply new settings as each changed setting's liveness says (settings.py): live
         and scheduler settings at once, a background model reload for reload ones, and
         restart ones kept for the next start (logged as ``after_restart``).
 
-        Returns None when applied, restart settings included, or why the model reload
-        failed (the running model and configuration are kept)."""
+        With ``canary`` (a model rollout), the new model answers ``fleet.canary`` before it
+        serves. Returns None when applied, restart settings included, or why the model
+        reload or its canary failed (the running model and configuration are kept)."""
         changes = changed_settings(self.settings, new)
         logsetup.configure(new.log.level, new.log.format)
         if "reload" in changes and self.scheduler is not None:
@@ -393,8 +410,15 @@ class Daemon:
                 log.error("reload failed; keeping the running model", error=str(exc))
                 self.last_apply = "rolled_back"
                 return str(exc)
+            failure = await asyncio.to_thread(self._canary, engine, new) if canary else None
+            if failure is not None:
+                log.error("canary failed; keeping the running model", error=failure)
+                del engine  # its memory goes back before anything else loads
+                self.last_apply = "rolled_back"
+                return f"(canary): {failure}"
             self.serving.swap(engine, new_plan, manifest)
             log.info("model reloaded", plan=new_plan.summary())
+            self.mqtt.publish_status()  # the new model and plan, retained
         self.settings = new
         self.serving.update_settings(new)
         if self.telemetry is not None:

@@ -19,6 +19,8 @@ import base64
 import collections
 import json
 import os
+import shutil
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -29,7 +31,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edgeagent import bus
+from edgeagent import bus, rollout
+from edgeagent.artifact import ArtifactError
 from edgeagent.manifest import fsync_dir, write_json_atomic
 from edgeagent.publisher import Publisher
 from edgeagent.settings import ConfigError, Settings, load_settings, merge_patch
@@ -47,6 +50,8 @@ ALLOWED = (
     "runtime.memory_headroom_mb",
 )
 LAYERS = ("group", "device")
+#: Reports that end a push; "downloading" and "activating" say how a rollout is going.
+OUTCOMES = ("applied", "rejected", "stale", "rolled_back")
 #: Where a push arrived, as its ``target`` names it: ("device", device id) or ("group", name).
 Target = tuple[str, str]
 #: Deepest nesting a push may have: the deepest setting is profiles.<name>.<field>, three
@@ -112,24 +117,37 @@ def parse_push(payload: bytes, trusted: list[Path],
                arrived: Target) -> tuple[int, dict[str, Any]]:
     """(version, settings patch) of a push payload as it came off the wire on ``arrived``'s
     topic; else PushError."""
+    version, patch, _ = _parse(payload, trusted, arrived)
+    return version, patch
+
+
+def _parse(payload: bytes, trusted: list[Path],
+           arrived: Target) -> tuple[int, dict[str, Any], rollout.ModelRef | None]:
+    """(version, settings patch, model artifact) of a push payload; else PushError."""
     try:
         doc = json.loads(payload.decode("utf-8"))
     except RecursionError:
         raise PushError([f"(push): nested deeper than {MAX_DEPTH} levels"]) from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise PushError([f"(push): not JSON: {exc}"]) from None
-    return check_push(doc, trusted, arrived)
+    return _check(doc, trusted, arrived)
 
 
 def check_push(doc: Any, trusted: list[Path], arrived: Target) -> tuple[int, dict[str, Any]]:
     """(version, settings patch) of a well-formed, allowed, (signed) push meant for the topic
     it ``arrived`` on; else PushError."""
+    version, patch, _ = _check(doc, trusted, arrived)
+    return version, patch
+
+
+def _check(doc: Any, trusted: list[Path],
+           arrived: Target) -> tuple[int, dict[str, Any], rollout.ModelRef | None]:
     if not isinstance(doc, dict):
         raise PushError(["(push): must be a JSON object"])
     if _deeper_than(doc, MAX_DEPTH):
         raise PushError([f"(push): nested deeper than {MAX_DEPTH} levels"],
                         _echo(doc.get("version")))
-    unknown = set(doc) - {"version", "target", "settings", "signature"}
+    unknown = set(doc) - {"version", "target", "settings", "model", "signature"}
     errors = [f"{k}: unknown field" for k in sorted(unknown)]
     version = doc.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 0:
@@ -141,13 +159,21 @@ def check_push(doc: Any, trusted: list[Path], arrived: Target) -> tuple[int, dic
     for path in _leaves(patch):
         if not any(path == a or (a.endswith(".") and path.startswith(a)) for a in ALLOWED):
             errors.append(f"settings.{path}: not settable by the fleet")
+    ref = None
+    if "model" in doc:  # an artifact to roll out; it names model.path itself
+        try:
+            ref = rollout.parse_ref(doc["model"])
+        except ValueError as exc:
+            errors.extend(str(exc).splitlines())
+        if "path" in (patch.get("model") or {}):
+            errors.append("settings.model.path: a push with a model artifact sets it")
     errors.extend(_target_errors(doc, arrived, required=bool(trusted)))
     if trusted:
         errors.extend(_signature_errors(doc, trusted))
     if errors:
         raise PushError(errors, _echo(version))
     assert isinstance(version, int)
-    return version, patch
+    return version, patch, ref
 
 
 def _target_errors(doc: dict[str, Any], arrived: Target, required: bool) -> list[str]:
@@ -187,8 +213,21 @@ def _signature_errors(doc: dict[str, Any], trusted: list[Path]) -> list[str]:
     return ["signature: does not verify with any trusted key"]
 
 
-#: Applies settings (live, or by a model reload); None, or why the reload failed.
-Apply = Callable[[Settings], Awaitable[str | None]]
+#: Applies settings (live, or by a model reload; with ``canary`` True the new model must
+#: pass fleet.canary before it serves); None, or why the reload failed.
+Apply = Callable[[Settings, bool], Awaitable[str | None]]
+
+
+class _Rollout:
+    """The model artifact being delivered in the background, and how far it got."""
+
+    def __init__(self, layer: str, version: int, ref: rollout.ModelRef,
+                 meter: rollout.Meter) -> None:
+        self.key = (layer, version)
+        self.ref = ref
+        self.meter = meter
+        self.stop = threading.Event()
+        self.status = "downloading"
 
 
 class Fleet:
@@ -214,6 +253,7 @@ class Fleet:
         self._config_status = config_status
         self._record = record
         self._lock = asyncio.Lock()
+        self._rollout: _Rollout | None = None
         #: pushes by outcome: applied, rejected, stale, rolled_back, ignored (no report)
         self.stats: dict[str, int] = collections.defaultdict(int)
         pending = self._pending_path()
@@ -232,6 +272,20 @@ class Fleet:
     def counters(self) -> dict[str, int]:
         return {f"fleet_{k}": v for k, v in self.stats.items()}
 
+    def rollout_status(self) -> dict[str, Any] | None:
+        """The model rollout in progress (for telemetry): version, layer, status, progress."""
+        current = self._rollout
+        if current is None:
+            return None
+        return {"version": current.key[1], "layer": current.key[0], "model": current.ref.name,
+                "status": current.status, **(current.meter.latest or {})}
+
+    def stop(self) -> None:
+        """The daemon stops: end a download within one chunk; its ``.part`` and record stay,
+        so the next start resumes it."""
+        if self._rollout is not None:
+            self._rollout.stop.set()
+
     def topics(self) -> dict[str, str]:
         return bus.config_topics(self.settings())
 
@@ -241,6 +295,10 @@ class Fleet:
         for layer in LAYERS:
             if layer in topics:
                 self.publisher.subscribe(topics[layer], self.on_message)
+        interrupted = rollout.recorded(self.settings().state_dir)
+        if interrupted is not None:  # a restart cut a rollout short: resume it now
+            log.info("resuming the model rollout a restart interrupted")
+            asyncio.run_coroutine_threadsafe(self._handle(*interrupted), self.loop)
 
     def on_message(self, topic: str, payload: bytes) -> None:
         """From the MQTT thread: hand the push to the event loop, one at a time."""
@@ -259,10 +317,11 @@ class Fleet:
             return {"version": 0, "settings": {}, "layers": {}}
         return doc if isinstance(doc, dict) else {"version": 0, "settings": {}, "layers": {}}
 
-    async def _handle(self, layer: str, payload: bytes) -> None:
+    async def _handle(self, layer: str, payload: bytes,
+                      delivered: Path | None = None) -> None:
         async with self._lock:
             try:
-                report = await self._apply(layer, payload)
+                report = await self._apply(layer, payload, delivered)
             except Exception as exc:  # a push must never vanish without a word
                 log.exception("fleet push failed", layer=layer)
                 report = {"version": None, "status": "rejected",
@@ -270,23 +329,55 @@ class Fleet:
         if report is None:
             self.stats["ignored"] += 1
             return
-        self.stats[report["status"]] += 1
+        self._report(layer, report)
+
+    def _report(self, layer: str, report: dict[str, Any]) -> None:
+        """Publish ``report`` (retained: the latest says where this device is); count and
+        record outcomes, not progress. On the event loop."""
+        if report["status"] in OUTCOMES:
+            self.stats[report["status"]] += 1
         if report["status"] in ("rejected", "rolled_back"):
             self._record(report["status"])
         report.update(layer=layer, ts=time.time(), hash=self._config_status()["hash"])
         self.publisher.publish(self.topics()["reported"], json.dumps(report), retain=True)
         log.info("fleet push", **{k: v for k, v in report.items() if k != "ts"})
 
-    async def _apply(self, layer: str, payload: bytes) -> dict[str, Any] | None:
+    async def _apply(self, layer: str, payload: bytes,
+                     delivered: Path | None) -> dict[str, Any] | None:
+        """The report of a push. One with a model artifact passes twice: first validated
+        and its download started in the background (``downloading``), then, ``delivered``
+        into a verified folder, planned, activated with a canary and applied; that second
+        pass ends the rollout, whatever its outcome."""
+        state_dir = self.settings().state_dir
+        try:
+            report = await self._decide(layer, payload, delivered)
+        except Exception:
+            if delivered is not None:
+                await self._end_rollout("rejected", delivered)
+            raise
+        if delivered is not None:
+            await self._end_rollout(report["status"] if report else None, delivered)
+        elif (report is not None and report["status"] in OUTCOMES
+              and rollout.recorded(state_dir) == (layer, payload)):
+            await asyncio.to_thread(rollout.forget, state_dir)  # resumed, and over at once
+        return report
+
+    async def _decide(self, layer: str, payload: bytes,
+                      delivered: Path | None) -> dict[str, Any] | None:
         settings = self.settings()
         if not payload:  # a retained push cleared by the operator: nothing to apply
             log.info("fleet push cleared; the applied configuration stays", layer=layer)
             return None
         arrived = (layer, settings.device_id if layer == "device" else settings.fleet.group or "")
         try:
-            version, patch = parse_push(payload, settings.fleet.trusted_keys, arrived)
+            version, patch, ref = _parse(payload, settings.fleet.trusted_keys, arrived)
         except PushError as exc:
             return {"version": exc.version, "status": "rejected", "errors": exc.errors}
+        if ref is not None:
+            if delivered is None and self._rollout is not None \
+                    and self._rollout.key == (layer, version):
+                return None  # already rolling out (the broker delivered the push again)
+            patch = merge_patch(patch, {"model": {"path": str(settings.models_dir / ref.name)}})
         current = self._overlay_doc()
         layers: dict[str, Any] = dict(current.get("layers") or {})
         applied = layers.get(layer) or {}
@@ -296,6 +387,14 @@ class Fleet:
             return {"version": version, "status": "stale",
                     "errors": [f"version {version} is not newer than the applied "
                                f"{applied.get('version')}"]}
+        if delivered is None:
+            self._supersede(layer)
+        return await self._apply_new(layer, version, patch, layers, payload, ref, delivered)
+
+    async def _apply_new(self, layer: str, version: int, patch: dict[str, Any],
+                         layers: dict[str, Any], payload: bytes, ref: rollout.ModelRef | None,
+                         delivered: Path | None) -> dict[str, Any]:
+        settings = self.settings()
         layers[layer] = {"version": version, "settings": patch}
         effective: dict[str, Any] = {}
         for name in LAYERS:  # group first, the device layer wins
@@ -309,6 +408,13 @@ class Fleet:
         model_error = _model_outside(new) if "path" in (effective.get("model") or {}) else None
         if model_error:
             return {"version": version, "status": "rejected", "errors": [model_error]}
+        if ref is not None and delivered is None:
+            if new.model_path.resolve() == settings.model_path.resolve():
+                return {"version": version, "status": "rejected", "errors": [
+                    f"model.name: {ref.name!r} is the folder of the model serving"]}
+            return self._start_rollout(layer, version, payload, ref)
+        if ref is not None:
+            self._set_status("activating", layer, version)
         plan_error = await asyncio.to_thread(self._plan_error, new)
         if plan_error:
             return {"version": version, "status": "rejected", "errors": [plan_error]}
@@ -323,7 +429,7 @@ class Fleet:
                     "errors": [f"(persist): cannot write {pending}: {exc.strerror or exc}; "
                                "the previous configuration is kept"]}
         try:
-            failure = await self._apply_settings(new)
+            failure = await self._apply_settings(new, ref is not None)
         except Exception as exc:
             log.exception("fleet push failed while applying", version=version)
             failure = f"(apply): {type(exc).__name__}: {exc}"
@@ -337,6 +443,87 @@ class Fleet:
                     "errors": [f"(persist): cannot replace {path}: {exc.strerror or exc}; "
                                "a restart returns to the previous configuration"]}
         return {"version": version, "status": "applied", "errors": []}
+
+    # ------------------------------------------------------------ model rollout
+    def _start_rollout(self, layer: str, version: int, payload: bytes,
+                       ref: rollout.ModelRef) -> dict[str, Any]:
+        """Record the push (a restart resumes it) and deliver its artifact on a thread."""
+        settings = self.settings()
+        rollout.record(settings.state_dir, layer, payload)
+
+        def progress(p: dict[str, Any]) -> None:  # on the download thread
+            self.loop.call_soon_threadsafe(self._report, layer, {
+                "version": version, "status": "downloading", "errors": [], "progress": p})
+
+        current = self._rollout = _Rollout(layer, version, ref, rollout.Meter(progress))
+        threading.Thread(target=self._deliver, args=(current, payload), daemon=True,
+                         name=f"rollout-{ref.name}").start()
+        return {"version": version, "status": "downloading", "errors": [],
+                "progress": {"bytes": 0, "size": ref.size, "percent": 0.0, "eta_s": None}}
+
+    def _deliver(self, current: _Rollout, payload: bytes) -> None:
+        """On the rollout's thread: download, check and unpack, then hand the push back to
+        the event loop with its verified folder (or report why not)."""
+        settings = self.settings()
+        layer = current.key[0]
+        try:
+            folder = rollout.deliver(
+                current.ref, settings.state_dir, settings.models_dir,
+                current_model=settings.model_path,
+                rate_kbps=settings.fleet.download_rate_kbps, progress=current.meter,
+                stop=current.stop)
+        except ArtifactError as exc:
+            if current.stop.is_set():  # superseded, or the daemon stops: no outcome yet
+                log.info("model download stopped", model=current.ref.name, reason=exc.reason)
+                return
+            errors = [f"(artifact): {exc.reason}"]
+            asyncio.run_coroutine_threadsafe(self._fail_rollout(current, errors, exc.transient),
+                                             self.loop)
+            return
+        except Exception as exc:
+            log.exception("model delivery failed", model=current.ref.name)
+            errors = [f"(artifact): {type(exc).__name__}: {exc}"]
+            asyncio.run_coroutine_threadsafe(self._fail_rollout(current, errors, False),
+                                             self.loop)
+            return
+        asyncio.run_coroutine_threadsafe(self._handle(layer, payload, folder), self.loop)
+
+    async def _fail_rollout(self, current: _Rollout, errors: list[str],
+                            transient: bool) -> None:
+        layer, version = current.key
+        if transient:  # the link gave up: the .part and the record stay for the next try
+            errors.append("the download resumes from where it stopped when the push is "
+                          "delivered again or the daemon restarts")
+            self._rollout = None
+        else:
+            await self._end_rollout("rejected", None)
+        self._report(layer, {"version": version, "status": "rejected", "errors": errors})
+
+    async def _end_rollout(self, status: str | None, delivered: Path | None) -> None:
+        """A rollout's outcome: drop its record and archive; keep its folder only once it
+        serves, then keep fleet.keep_models folders."""
+        settings = self.settings()
+        self._rollout = None
+        await asyncio.to_thread(rollout.forget, settings.state_dir)
+        if status == "applied":
+            await asyncio.to_thread(rollout.collect_garbage, settings.models_dir,
+                                    settings.fleet.keep_models, settings.model_path)
+        elif (status is not None and delivered is not None
+              and delivered.resolve() != settings.model_path.resolve()):
+            # verified but refused: it must not stay behind looking like a usable model
+            await asyncio.to_thread(shutil.rmtree, delivered, True)
+
+    def _supersede(self, layer: str) -> None:
+        """A newer push for ``layer``: a rollout it replaces stops downloading."""
+        if self._rollout is not None and self._rollout.key[0] == layer:
+            log.info("a newer push supersedes the model rollout", model=self._rollout.ref.name)
+            self._rollout.stop.set()
+            self._rollout = None
+
+    def _set_status(self, status: str, layer: str, version: int) -> None:
+        if self._rollout is not None:
+            self._rollout.status = status
+        self._report(layer, {"version": version, "status": status, "errors": []})
 
 
 def _promote(pending: Path, path: Path) -> None:

@@ -288,6 +288,47 @@ class TelemetrySettings(Section):
     )
 
 
+class CanaryPrompt(Section):
+    """One health prompt of a rollout's canary and what its answer must match."""
+
+    prompt: str = Field(min_length=1, description="The user message.")
+    regex: str | None = Field(
+        default=None, description="A regular expression the answer must contain (re.search)."
+    )
+    json_schema: dict[str, Any] | None = Field(
+        default=None,
+        description="A JSON schema: the answer is generated under it (the engine's guidance) "
+        "and must be complete JSON.",
+    )
+    max_tokens: int = Field(default=32, ge=1, le=4096, description="Tokens of the answer.")
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from None
+        return value
+
+
+class CanarySettings(Section):
+    prompts: list[CanaryPrompt] = Field(
+        default_factory=lambda: [CanaryPrompt(prompt="Say hello.", regex=r"\S")],
+        description="Prompts a rolled-out model answers before it serves (greedy), each "
+        "with a regex or a JSON schema its answer must match. Empty: no answer check.",
+        json_schema_extra=LIVE,
+    )
+    min_relative_speed: float = Field(
+        default=0.5, ge=0,
+        description="Slowest decode speed of a rolled-out model in its canary, relative to "
+        "the serving model's recent decode tokens/s (0: no speed check; skipped while the "
+        "serving model has no recent figure).",
+        json_schema_extra=LIVE,
+    )
+
+
 class FleetSettings(Section):
     group: str | None = Field(
         default=None, description="Fleet group: shared request topic and group configuration.",
@@ -297,6 +338,23 @@ class FleetSettings(Section):
         default_factory=list,
         description="Ed25519 public keys (PEM); when set, configuration pushes must be signed.",
         json_schema_extra=LIVE,
+    )
+    download_rate_kbps: float | None = Field(
+        default=None, gt=0,
+        description="Rate limit of a model artifact download, in kilobits per second "
+        "(gateways share thin uplinks). Unset: as fast as the link goes.",
+        json_schema_extra=LIVE,
+    )
+    keep_models: int = Field(
+        default=2, ge=1,
+        description="Model folders kept under <state_dir>/models after a rollout (the one "
+        "serving and the most recently used before it, for an instant rollback); older "
+        "ones are deleted.",
+        json_schema_extra=LIVE,
+    )
+    canary: CanarySettings = Field(
+        default_factory=CanarySettings,
+        description="Health check of a rolled-out model before it serves.",
     )
 
 
