@@ -2,8 +2,11 @@
 
 Topics, under ``{prefix}/{device}/``:
 
-- ``status``: retained ``{"state": "online"}`` on every (re)connect; the will is a retained
-  ``{"state": "offline"}``; ``{"state": "stopped"}`` on a clean shutdown.
+- ``status``: retained ``{"state": "online"}`` on every (re)connect, again once the model
+  is ready and after every model reload (with the model id, a plan summary and the version:
+  a subscriber always finds the current one), ``{"state": "draining"}`` when it stops
+  accepting, ``{"state": "stopped"}`` on a clean shutdown; the will is a retained
+  ``{"state": "offline"}``.
 - ``request``: an OpenAI chat completion request. MQTT 5: the reply goes to the Response
   Topic, with the Correlation Data echoed; otherwise the payload's ``reply_to`` and ``id``.
 - ``cancel``: ``{"id": "..."}`` cancels that request.
@@ -44,7 +47,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import Field, ValidationError
 
-from edgeagent import protocol
+from edgeagent import __version__, protocol
 from edgeagent.bus import (
     broker_address,
     config_topics,
@@ -68,6 +71,8 @@ PAHO_HAS_IT = (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)
 MAX_TOPIC_BYTES = 65535  # MQTT's limit on a topic name
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 30.0
+#: The plan figures the status carries (the whole plan is in /health and telemetry).
+STATUS_PLAN_KEYS = ("threads", "context_length", "max_batch", "max_prompt_tokens")
 
 
 class MqttChatRequest(protocol.ChatCompletionRequest):
@@ -114,6 +119,7 @@ class MqttTransport:
         self._stop = threading.Event()
         self._accepting = True
         self._state = "off"
+        self._lifecycle = "online"  # the status state while connected: online, draining
         self._generation = 0
         self._lock = threading.Lock()
         self._recent: collections.OrderedDict[str, Entry] = collections.OrderedDict()
@@ -209,6 +215,8 @@ class MqttTransport:
         # Requests that arrive from now on are not acknowledged: the broker keeps them
         # for the next start (persistent session).
         self._accepting = False
+        self._lifecycle = "draining"
+        self.publish_status()
         if self._share is not None:
             # No more fleet work for this member. What the shared subscription delivered
             # and is not answered goes with its clean session: requesters re-publish it.
@@ -270,10 +278,22 @@ class MqttTransport:
             self._stop.wait(delay)
         self._state = "stopped"
 
+    def publish_status(self) -> None:
+        """Publish the current status, retained: the model became ready, was reloaded, or
+        the daemon drains. While disconnected paho queues it, and the next connection
+        publishes a fresh one anyway."""
+        if self.client is not None:
+            self.client.publish(self.topics["status"], self._status(self._lifecycle), qos=1,
+                                retain=True)
+
     def _status(self, state: str) -> str:
-        return json.dumps({"state": state, "device_id": self.settings.device_id,
-                           "ts": time.time(), "model": self.serving.model_id
-                           if self.serving.ready else None})
+        status = self.serving.status()
+        loaded = status["plan"] is not None  # from ready on, draining included
+        plan = {k: status["plan"][k] for k in STATUS_PLAN_KEYS} if loaded else None
+        return json.dumps({"state": state, "serving": status["status"],
+                           "device_id": self.settings.device_id, "ts": time.time(),
+                           "model": self.serving.model_id if loaded else None,
+                           "plan": plan, "version": __version__})
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                     properties: Properties | None) -> None:
@@ -292,7 +312,8 @@ class MqttTransport:
         self._state = "online"
         log.info("mqtt connected", broker=f"{self.host}:{self.port}",
                  session_present=bool(getattr(flags, "session_present", False)))
-        client.publish(self.topics["status"], self._status("online"), qos=1, retain=True)
+        client.publish(self.topics["status"], self._status(self._lifecycle), qos=1,
+                       retain=True)
         client.subscribe([(self.topics["request"], 1), (self.topics["cancel"], 1)])
         if "fleet" in self.topics:
             # A session from an older version may still hold the shared subscription.
@@ -397,7 +418,9 @@ class MqttTransport:
         self._ack(msg.mid, msg.qos, gen)
 
     def on_ready(self) -> None:
-        """The model is loaded: handle the requests that arrived while it was loading."""
+        """The model is loaded: say so, and handle the requests that arrived while it was
+        loading."""
+        self.publish_status()
         with self._lock:
             held, self._held = self._held, []
         for msg, gen in held:
