@@ -172,7 +172,7 @@ def cmd_config_push(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     layer, target = ("group", args.group) if args.group is not None else ("device", args.device)
     return push_main(settings.model_copy(update={"mqtt": mqtt}), layer, target, args.file,
-                     args.sign, args.timeout)
+                     args.sign, args.timeout, args.watch)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -303,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-file", type=Path, default=None, help="client key")
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds to wait for each answer of the broker, and for the report")
+    p.add_argument("--watch", action="store_true",
+                   help="print each device's progress on this push (device, status, "
+                   "download percent) as it changes, then the table: for --device until "
+                   "it reports an outcome, for --group until no report for --timeout s")
     p.set_defaults(func=cmd_config_push)
 
     p = sub.add_parser("keygen", help="make an Ed25519 key pair for signing fleet pushes")

@@ -3,7 +3,8 @@
 A push reaches the broker like the daemon does (bus.make_client: the same ``mqtt.*``
 settings, TLS and credentials), and is reported "pushed" only once the broker accepted the
 connection and acknowledged the retained publish; for one device, it then waits for that
-device's report of this version.
+device's report of this version. ``--watch`` shows the rollout across the fleet: a table of
+devices, status and download percent from their reports of this push.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from edgeagent.settings import Settings
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+#: Reports that end a push (the others, downloading and activating, say how it goes).
+OUTCOMES = ("applied", "rejected", "stale", "rolled_back")
 
 
 class BrokerError(Exception):
@@ -51,9 +54,10 @@ def keygen_main(prefix: Path) -> int:
 
 
 def push_main(settings: Settings, layer: str, target: str, file: Path,
-              sign_key: Path | None, timeout: float) -> int:
+              sign_key: Path | None, timeout: float, watch: bool = False) -> int:
     """Publish a push for ``layer`` ("device" or "group") ``target``, retained; for one
-    device, wait for its report and print it."""
+    device, wait for its report and print it; with ``watch``, print the table of every
+    device's progress on it."""
     try:
         doc = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -76,11 +80,15 @@ def push_main(settings: Settings, layer: str, target: str, file: Path,
     desired = bus.desired_topic(prefix, layer, target)
     reported = bus.reported_topic(prefix, target) if layer == "device" else None
     try:
-        with _Session(settings, timeout) as session:
-            if reported is not None:
+        with _Session(settings, timeout, retained=watch) as session:
+            if watch:  # every device's report: which ones take this push is theirs to say
+                session.subscribe(bus.reported_topic(prefix, "+"))
+            elif reported is not None:
                 session.subscribe(reported)
             session.publish_retained(desired, json.dumps(doc))
             print(f"pushed version {doc.get('version')} to {desired}", flush=True)
+            if watch:
+                return _watch(session, layer, target, doc.get("version"), timeout)
             if reported is None:
                 return 0
             return _print_report(session, doc.get("version"), timeout)
@@ -93,30 +101,70 @@ def _print_report(session: _Session, version: Any, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     while (left := deadline - time.monotonic()) > 0:
         try:
-            report = session.reports.get(timeout=left)
+            _, report = session.reports.get(timeout=left)
         except queue.Empty:
             break
-        if report.get("version") == version:
-            print(json.dumps(report, indent=2))
-            return 0 if report.get("status") == "applied" else EXIT_FAILED
+        if report.get("version") != version:
+            continue
+        if report.get("status") not in OUTCOMES:  # a model rollout under way: still alive
+            deadline = time.monotonic() + timeout
+            continue
+        print(json.dumps(report, indent=2))
+        return 0 if report.get("status") == "applied" else EXIT_FAILED
     print(f"no report for version {version} within {timeout}s")
     return EXIT_FAILED
+
+
+def _watch(session: _Session, layer: str, target: str, version: Any, timeout: float) -> int:
+    """Print a row (device, status, percent) whenever a device's report of this push
+    changes, then the whole table: for a device once it reports an outcome, for a group
+    once no report came for ``timeout`` seconds (or on Ctrl-C). Exit 0 when every device
+    applied it."""
+    rows: dict[str, tuple[str, str]] = {}
+    print(f"{'DEVICE':<24} {'STATUS':<12} PERCENT", flush=True)
+    try:
+        while True:
+            try:
+                device, report = session.reports.get(timeout=timeout)
+            except queue.Empty:
+                break
+            if report.get("version") != version or report.get("layer") != layer:
+                continue
+            progress = report.get("progress") or {}
+            percent = progress.get("percent", 100.0 if report.get("status") == "applied"
+                                   else "")
+            row = (str(report.get("status")), f"{percent}")
+            if rows.get(device) != row:
+                rows[device] = row
+                print(f"{device:<24} {row[0]:<12} {row[1]}", flush=True)
+            if layer == "device" and device == target and row[0] in OUTCOMES:
+                break
+    except KeyboardInterrupt:
+        pass
+    print("\nfinal:")
+    for device, (status, percent) in sorted(rows.items()):
+        print(f"{device:<24} {status:<12} {percent}")
+    if not rows:
+        print(f"no device reported version {version}")
+    return 0 if rows and all(s == "applied" for s, _ in rows.values()) else EXIT_FAILED
 
 
 class _Session:
     """One connection to the broker, each step waited for and its reason code checked:
     paho's calls only queue packets, and a refusing broker answers with a code."""
 
-    def __init__(self, settings: Settings, timeout: float) -> None:
+    def __init__(self, settings: Settings, timeout: float, retained: bool = False) -> None:
         self.settings = settings
         self.timeout = timeout
+        self.retained = retained
         # Its own client id: the daemon's would take over the daemon's connection.
         client_id = f"edgeagent-push-{uuid.uuid4().hex[:12]}"
         try:
             self.client = bus.make_client(settings, client_id, persistent=False)
         except OSError as exc:  # a password, CA or certificate file that cannot be read
             raise BrokerError(f"cannot set up the MQTT client: {exc}") from exc
-        self.reports: queue.Queue[dict[str, Any]] = queue.Queue()
+        #: (device, report), the device from the topic {prefix}/{device}/config/reported
+        self.reports: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
         self._acks: dict[int, ReasonCode] = {}  # by message id: CONNACK is 0
         self._acked = threading.Condition()
         self.client.on_connect = lambda _c, _u, _f, reason, _p: self._ack(0, reason)
@@ -153,12 +201,14 @@ class _Session:
         self._wait(mid, f"the broker refused the push on {topic}")
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        if msg.retain:  # a retained report is an old one: wait for the answer to this push
+        # A retained report predates this push: only a watch shows it (a device that
+        # reported this version already is part of the table).
+        if msg.retain and not self.retained:
             return
         with contextlib.suppress(ValueError):  # not JSON: not a report of ours
             report = json.loads(msg.payload)
             if isinstance(report, dict):
-                self.reports.put(report)
+                self.reports.put((msg.topic.split("/")[-3], report))
 
     def _ack(self, mid: int, reason: ReasonCode) -> None:
         with self._acked:
