@@ -204,11 +204,14 @@ class SamplingFields(Strict):
 
     model: str = supported(MODEL_PREFIX, "`edgeagent`, the model's id, or "
                            "`edgeagent:<profile>`")
-    max_tokens: int | None = supported(None, ge=1, le=1_000_000)
+    max_tokens: int | None = supported(None, "default: the profile's, else "
+                                       "limits.default_max_tokens, within the context left",
+                                       ge=1, le=1_000_000)
     min_tokens: int | None = supported(None, "extension (vLLM): no end of sequence before it",
                                        ge=0, le=1_000_000)
-    temperature: float | None = supported(None, ge=0, le=2)
-    top_p: float | None = supported(None, gt=0, le=1)
+    temperature: float | None = supported(None, "0 to 2; 0 (the default) is greedy", ge=0,
+                                          le=2)
+    top_p: float | None = supported(None, "nucleus sampling", gt=0, le=1)
     top_k: int | None = supported(None, "extension: top-k sampling", ge=0)
     repetition_penalty: float | None = supported(None, "extension (vLLM, HF): multiplicative "
                                                  "penalty on repeated tokens", gt=0, le=10)
@@ -246,7 +249,8 @@ class ChatCompletionRequest(SamplingFields):
                                         "refused); `name` and `tool_call_id` reach the chat "
                                         "template; unknown message fields are ignored",
                                         min_length=1)
-    max_completion_tokens: int | None = supported(None, "as max_tokens", ge=1, le=1_000_000)
+    max_completion_tokens: int | None = supported(None, "as max_tokens, and wins over it",
+                                                  ge=1, le=1_000_000)
     tools: list[Tool] | None = supported(None, "function tools, constrained decoding")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = supported(
         None, "`required` or a named function needs `tools`")
@@ -655,7 +659,7 @@ def final_chunks(p: Prepared, fin: Finish, held: list[str], chat: bool
         out.append(delta_chunk(p, fin.tail, chat))
     out.append(chat_chunk(p, {}, reason) if chat else text_chunk(p, "", reason))
     if p.include_usage:
-        out.append(usage_chunk(p, fin.prompt_tokens, fin.completion_tokens))
+        out.append(usage_chunk(p, fin.prompt_tokens, fin.completion_tokens, chat))
     return out
 
 
@@ -689,8 +693,11 @@ def chat_chunk(p: Prepared, delta: dict[str, Any], finish: str | None) -> dict[s
     }
 
 
-def usage_chunk(p: Prepared, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {"id": p.id, "object": "chat.completion.chunk", "created": p.created,
+def usage_chunk(p: Prepared, prompt_tokens: int, completion_tokens: int, chat: bool
+                ) -> dict[str, Any]:
+    """The last chunk of a stream that asked for usage; no choices."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    return {"id": p.id, "object": kind, "created": p.created,
             "model": p.model, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
 
 
