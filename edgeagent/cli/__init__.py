@@ -145,6 +145,23 @@ def cmd_model_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_pack(args: argparse.Namespace) -> int:
+    from edgeagent.artifact import ArtifactError, pack
+
+    out = args.output or Path(f"{args.path.resolve().name}.tar.gz")
+    try:
+        info = pack(args.path, out)
+    except (ArtifactError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:  # the fields of a push's "model", but the URL
+        print(json.dumps({"name": info.name, "sha256": info.sha256, "size": info.size,
+                          "file": str(info.path)}))
+    else:
+        print(f"{info.path}: model {info.name}\nsha256 {info.sha256}\nsize {info.size}")
+    return 0
+
+
 #: ``config push`` flags that override an ``mqtt.*`` setting of ``--config``.
 PUSH_MQTT_FLAGS = {"mqtt": "url", "topic_prefix": "topic_prefix", "username": "username",
                    "password_file": "password_file", "ca_file": "ca_file",
@@ -269,6 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("path", type=Path, nargs="?", default=None)
     p.set_defaults(func=cmd_model_verify)
+    p = model.add_parser("pack", help="make one archive (tar.gz) of a verified model folder",
+                         description="Archive a model folder that verifies against its "
+                         "manifest, for a fleet push's model: its sha256 and size.")
+    p.add_argument("path", type=Path, metavar="DIR", help="the model folder")
+    p.add_argument("-o", "--output", type=Path, default=None, metavar="FILE",
+                   help="the archive (default: ./<folder name>.tar.gz)")
+    p.add_argument("--json", action="store_true",
+                   help='one JSON line: {"name", "sha256", "size", "file"}')
+    p.set_defaults(func=cmd_model_pack)
 
     config = sub.add_parser("config", help="configuration tools").add_subparsers(
         dest="config_command", required=True)
