@@ -105,8 +105,9 @@ def test_pack_is_deterministic_sorted_and_holds_only_the_manifested_files(tmp_pa
     os.utime(model / "model.onnx.data", (1, 1))  # another mtime: same archive
     b = pack(model, tmp_path / "b.tar.gz")
     assert (a.sha256, a.size, a.name) == (b.sha256, b.size, "m1")
-    assert a.sha256 == sha256(tmp_path / "a.tar.gz") and a.size == (tmp_path / "a.tar.gz").stat().st_size
-    with tarfile.open(tmp_path / "a.tar.gz") as tar:
+    archive = tmp_path / "a.tar.gz"
+    assert a.sha256 == sha256(archive) and a.size == archive.stat().st_size
+    with tarfile.open(archive) as tar:
         names = tar.getnames()
     assert names == ["m1", f"m1/{MANIFEST_FILE}", "m1/genai_config.json", "m1/model.onnx.data",
                      "m1/sub", "m1/sub/tokenizer.json"]
@@ -119,7 +120,7 @@ def test_pack_refuses_a_folder_that_does_not_verify(tmp_path: Path, damage: str)
         (model / MANIFEST_FILE).unlink()
     else:
         (model / "model.onnx.data").write_bytes(b"v" * 4096)
-    with pytest.raises(ArtifactError, match="edgeagent model (build|verify)"):
+    with pytest.raises(ArtifactError, match=r"edgeagent model (build|verify)"):
         pack(model, tmp_path / "out.tar.gz")
     assert not (tmp_path / "out.tar.gz").exists()
     assert os.listdir(tmp_path) == ["m"]  # no temp file left
@@ -240,7 +241,7 @@ def test_http_errors_and_unreachable_servers(tmp_path: Path):
             get(server.url + "-missing", tmp_path / "a.bin", data)
         assert not err.value.transient
         url = server.url
-    with pytest.raises(ArtifactError, match="127.0.0.1") as err:
+    with pytest.raises(ArtifactError, match=r"127\.0\.0\.1") as err:
         get(url, tmp_path / "a.bin", data)  # the server is gone
     assert err.value.transient
     with pytest.raises(ArtifactError, match="scheme"):
@@ -363,7 +364,7 @@ def test_not_an_archive(tmp_path: Path, content: bytes):
     archive.write_bytes(content)
     dest = tmp_path / "models"
     dest.mkdir()
-    with pytest.raises(ArtifactError, match="x.tar.gz"):
+    with pytest.raises(ArtifactError, match=r"x\.tar\.gz"):
         unpack(archive, dest, max_bytes=MiB)
     assert os.listdir(dest) == []
 
