@@ -305,9 +305,11 @@ def unpack(archive: Path, dest_dir: Path, *, max_bytes: int) -> Path:
     (``manifest.verify_model``), fsynced and renamed to ``dest_dir/<name>``, which must not
     exist yet. Any failure raises ArtifactError and leaves nothing behind.
     """
-    for leftover in dest_dir.glob(f".{archive.name}.unpack-*"):  # of a killed unpack
-        shutil.rmtree(leftover, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{archive.name}.unpack-", dir=dest_dir))
+    prefix = f".{archive.name}.unpack-"
+    for leftover in dest_dir.iterdir():  # of a killed unpack
+        if leftover.name.startswith(prefix):
+            shutil.rmtree(leftover, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=dest_dir))
     try:
         name = _extract(archive, tmp, max_bytes)
         _verify(archive, tmp / name, name)

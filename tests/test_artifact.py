@@ -378,6 +378,14 @@ def test_unpack_never_replaces_an_existing_folder(tmp_path: Path):
     assert os.listdir(dest) == ["m"] and os.listdir(dest / "m") == []
 
 
+def test_the_temp_folder_of_a_killed_unpack_goes_at_the_next(tmp_path: Path):
+    archive = pack(make_model(tmp_path / "src" / "m"), tmp_path / "m[1].tar.gz").path
+    dest = tmp_path / "models"
+    (dest / ".m[1].tar.gz.unpack-abc123" / "m").mkdir(parents=True)
+    assert unpack(archive, dest, max_bytes=MiB) == dest / "m"
+    assert os.listdir(dest) == ["m"]
+
+
 # ---------------------------------------------------------------- check_disk
 def test_check_disk_refuses_with_the_numbers(tmp_path: Path):
     free = shutil.disk_usage(tmp_path).free
