@@ -7,10 +7,12 @@ transports never touch it.
 Batching is static (docs/engine-notes.md): the sequences pending when a batch starts run
 together, up to ``capacity``; later ones wait for the next batch. A batch is one
 ``og.Generator`` whose rows are the prompts, left-padded with the pad token. Its search is
-greedy; a row that asks for more (temperature, top_p, top_k, seed, repetition penalty,
-min_tokens) has its logits rewritten with NumPy before the step, so each request keeps its
-own sampling inside a shared batch. A guided request (JSON schema) runs alone under
-onnxruntime-genai's own sampler, which applies the grammar. A prompt longer than
+greedy; a row that asks for more (temperature, top_p, top_k, seed, repetition, frequency
+or presence penalty, min_tokens) has its logits rewritten with NumPy before the step, so each
+request keeps its own sampling inside a shared batch; a row that asks for logprobs has its
+logits read. A plain row costs nothing: no logits are copied out of the generator for it.
+A guided request (JSON schema) runs alone under onnxruntime-genai's own sampler, which
+applies the grammar. A prompt longer than
 ``plan.prefill_chunk`` runs alone too, fed one chunk per step: a prefill's memory is bounded
 by the chunk, and a cancel lands between chunks.
 """
@@ -50,6 +52,12 @@ class Sampling:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    #: OpenAI's penalties over the tokens generated so far: a token's logit is lowered by
+    #: frequency_penalty times its count, and by presence_penalty once it has appeared.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    #: None: no logprobs; k: each token's logprob and its k most likely alternatives.
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -58,15 +66,38 @@ class Sampling:
     @property
     def rewrites_logits(self) -> bool:
         """Whether the engine must rewrite this sequence's logits (EOS aside)."""
-        return not self.greedy or self.repetition_penalty != 1.0
+        return (not self.greedy or self.repetition_penalty != 1.0
+                or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's text, its UTF-8 bytes and its log-probability under the model's own
+    distribution at that step (the raw logits: before penalties, temperature or masks).
+    A token that is only part of a character decodes to U+FFFD."""
+
+    token: str
+    bytes: list[int]
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """The logprob of a token generated, and the ``top`` most likely ones at its step."""
+
+    chosen: TokenLogprob
+    top: list[TokenLogprob]
 
 
 @dataclass
 class Delta:
-    """One generated token: its id and the text it completes (possibly empty)."""
+    """Generated tokens: the last one's id, the text they complete (possibly empty), their
+    logprobs when asked, and the choice (``index``) they belong to."""
 
     token: int
     text: str
+    logprobs: list[Logprob] = field(default_factory=list)
+    index: int = 0
 
 
 @dataclass
@@ -80,6 +111,7 @@ class Finish:
     tokens: list[int] = field(default_factory=list)
     tail: str = ""
     error: str = ""
+    index: int = 0  # the choice it ends
 
 
 class Plain(str):
@@ -250,6 +282,7 @@ class Engine:
         self._control = _control_pattern(model_path)
         self._pending: list[Sequence] = []
         self._batch: _Batch | None = None
+        self._token_texts: dict[int, str] = {}  # bounded by the vocabulary
         # Guided generators are built on the transports' threads too (check_guidance): the
         # lock keeps onnxruntime-genai's grammar set-up to one thread at a time. The first
         # one builds the grammar's view of the vocabulary (~0.5 s): done here, at load, not
@@ -427,12 +460,12 @@ class Engine:
             batch.feed()
             if batch.prefilling:
                 return  # the next chunk comes with the next step
-        self._rewrite_logits(batch)
+        dists = self._rewrite_logits(batch)
         batch.generator.generate_next_token()
         tokens = batch.generator.get_next_tokens()
         for row, seq in enumerate(batch.rows):
             if not seq.finished:
-                out.extend(self._accept(seq, int(tokens[row])))
+                out.extend(self._accept(seq, int(tokens[row]), dists.get(row)))
 
     def _fail(self, rows: list[Sequence], what: str, exc: Exception) -> list[Event]:
         log.error(what, error=str(exc), sequences=len(rows))
@@ -492,19 +525,28 @@ class Engine:
             generator = og.Generator(self.model, params)
         return _Batch(generator, rows, prompt, self.plan.prefill_chunk, native_min)
 
-    def _rewrite_logits(self, batch: _Batch) -> None:
-        """Apply each row's own sampling: penalties and EOS masks, then the draw."""
-        if batch.rows[0].guidance is not None:
-            return
-        rows = [(i, seq) for i, seq in enumerate(batch.rows) if not seq.finished and (
-            seq.sampling.rewrites_logits
-            or (not batch.native_min and len(seq.produced) < seq.min_new))]
-        if not rows:
-            return
+    def _rewrite_logits(self, batch: _Batch) -> dict[int, np.ndarray]:
+        """Apply each row's own sampling: penalties and EOS masks, then the draw. Returns
+        the log-softmax of the raw logits of the rows that asked for logprobs, by row.
+
+        Logits leave the generator only when a row needs them: a batch of plain rows
+        steps exactly as before."""
+        guided = batch.rows[0].guidance is not None  # onnxruntime-genai samples it
+        rewrite = [] if guided else [
+            i for i, seq in enumerate(batch.rows) if not seq.finished and (
+                seq.sampling.rewrites_logits
+                or (not batch.native_min and len(seq.produced) < seq.min_new))]
+        read = [i for i, seq in enumerate(batch.rows)
+                if not seq.finished and seq.sampling.logprobs is not None]
+        if not rewrite and not read:
+            return {}
         logits = np.array(batch.generator.get_logits(), dtype=np.float32)
-        for i, seq in rows:
-            logits[i, -1] = self._rewrite(seq, logits[i, -1])
-        batch.generator.set_logits(logits)
+        dists = {i: _log_softmax(logits[i, -1]) for i in read}
+        for i in rewrite:
+            logits[i, -1] = self._rewrite(batch.rows[i], logits[i, -1])
+        if rewrite:
+            batch.generator.set_logits(logits)
+        return dists
 
     def _rewrite(self, seq: Sequence, row: np.ndarray) -> np.ndarray:
         sampling = seq.sampling
@@ -513,6 +555,9 @@ class Engine:
             values = row[seen]
             penalty = sampling.repetition_penalty
             row[seen] = np.where(values > 0, values / penalty, values * penalty)
+        if (sampling.frequency_penalty or sampling.presence_penalty) and seq.produced:
+            ids, counts = np.unique(np.asarray(seq.produced, np.int64), return_counts=True)
+            row[ids] -= sampling.frequency_penalty * counts + sampling.presence_penalty
         if len(seq.produced) < seq.min_new:
             row[self._eos] = -np.inf
         if sampling.greedy:
@@ -522,17 +567,39 @@ class Engine:
         forced[token] = 0.0
         return forced
 
-    def _accept(self, seq: Sequence, token: int) -> list[Event]:
+    def _accept(self, seq: Sequence, token: int, dist: np.ndarray | None = None
+                ) -> list[Event]:
         if token in self.eos_ids and len(seq.produced) >= seq.min_new:
             return [(seq, self._finish(seq, "stop"))]
         seq.produced.append(token)
         text, hit = seq.stops.feed(seq.stream.decode(token))
-        out: list[Event] = [(seq, Delta(token, text))]
+        logprobs = [] if dist is None else [self._logprob(dist, token, seq.sampling.logprobs)]
+        out: list[Event] = [(seq, Delta(token, text, logprobs))]
         if hit:
             out.append((seq, self._finish(seq, "stop", stopped_by_string=True)))
         elif len(seq.produced) >= seq.max_new:
             out.append((seq, self._finish(seq, "length")))
         return out
+
+    def _logprob(self, dist: np.ndarray, token: int, top: int | None) -> Logprob:
+        """``token``'s logprob in ``dist`` and the ``top`` most likely tokens'."""
+        k = min(top or 0, len(dist))
+        best = np.argpartition(-dist, k)[:k] if k else np.zeros(0, dtype=np.int64)
+        best = best[np.argsort(-dist[best], kind="stable")]
+        return Logprob(self._token_logprob(dist, token),
+                       [self._token_logprob(dist, int(t)) for t in best])
+
+    def _token_logprob(self, dist: np.ndarray, token: int) -> TokenLogprob:
+        text = self.token_text(token)
+        return TokenLogprob(text, list(text.encode("utf-8")), float(dist[token]))
+
+    def token_text(self, token: int) -> str:
+        """One token's text on its own (cached: logprobs name the same tokens often)."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = str(
+                self.tokenizer.decode(np.asarray([token], dtype=np.int32)))
+        return text
 
     def _finish(self, seq: Sequence, reason: str, stopped_by_string: bool = False,
                 error: str = "") -> Finish:
@@ -556,6 +623,14 @@ class Engine:
                 yield item
                 if isinstance(item, Finish):
                     return
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """The log-probabilities of one row of logits (float64: the small ones stay exact)."""
+    x = logits.astype(np.float64)
+    x -= x.max()
+    out: np.ndarray = x - np.log(np.exp(x).sum())
+    return out
 
 
 def _parts(content: Any) -> list[str]:

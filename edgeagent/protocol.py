@@ -17,7 +17,16 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from edgeagent.engine import Engine, Finish, GuidanceError, Plain, Sampling
+from edgeagent.engine import (
+    Delta,
+    Engine,
+    Finish,
+    GuidanceError,
+    Logprob,
+    Plain,
+    Sampling,
+    TokenLogprob,
+)
 from edgeagent.scheduler import AdmissionError, Job, JobError, Sink, Unavailable
 from edgeagent.settings import ProfileSettings, Settings
 
@@ -169,9 +178,31 @@ class NamedFunction(Strict):
     name: str
 
 
+class CustomTool(Strict):
+    type: Literal["custom"]
+    custom: dict[str, Any]
+
+
 class NamedToolChoice(Strict):
     type: Literal["function"]
     function: NamedFunction
+
+
+class AllowedTools(Strict):
+    mode: Literal["auto", "required"]
+    tools: list[NamedToolChoice] = Field(min_length=1)
+
+
+class AllowedToolChoice(Strict):
+    """A subset of ``tools`` the model may call (the rest stay in the prompt's history)."""
+
+    type: Literal["allowed_tools"]
+    allowed_tools: AllowedTools
+
+
+class CustomToolChoice(Strict):
+    type: Literal["custom"]
+    custom: NamedFunction
 
 
 class JsonSchemaFormat(Strict):
@@ -195,8 +226,10 @@ class StreamOptions(Strict):
 
 
 INT64 = 2**63
-PENALTY = "not implemented yet"
+PENALTY = "over the tokens generated, as OpenAI defines it"
 NOT_STORED = "nothing is stored or logged per user"
+LOGPROBS = ("the model's own distribution at each step (log-softmax of the raw logits: before "
+            "penalties, temperature and top_p/top_k), as vLLM's default")
 
 
 class SamplingFields(Strict):
@@ -215,8 +248,8 @@ class SamplingFields(Strict):
     top_k: int | None = supported(None, "extension: top-k sampling", ge=0)
     repetition_penalty: float | None = supported(None, "extension (vLLM, HF): multiplicative "
                                                  "penalty on repeated tokens", gt=0, le=10)
-    frequency_penalty: float | None = refused(PENALTY, [None, 0], ge=-2, le=2)
-    presence_penalty: float | None = refused(PENALTY, [None, 0], ge=-2, le=2)
+    frequency_penalty: float | None = supported(None, PENALTY, ge=-2, le=2)
+    presence_penalty: float | None = supported(None, PENALTY, ge=-2, le=2)
     logit_bias: dict[str, int] | None = refused("not implemented", [None, {}])
     stop: str | list[str] | None = supported(None, "up to 4 strings, kept out of the text")
     seed: int | None = supported(None, "int64; the same seed reproduces the output; -1 means "
@@ -224,7 +257,10 @@ class SamplingFields(Strict):
     stream: bool = supported(False, "server-sent events ending in `data: [DONE]`")
     stream_options: StreamOptions | None = supported(
         None, "`include_usage`; `include_obfuscation` ignored; only with `stream`")
-    n: int | None = refused("one choice per request for now", [None, 1], ge=1, le=128)
+    n: int | None = supported(None, "n rows of one batch sharing the prompt, each with "
+                              "its own draw (with a seed, row i > 0 a seed derived from it); "
+                              "at most the batch capacity (`runtime.max_batch`); guided "
+                              "choices run one after the other", ge=1, le=128)
     user: str | None = ignored(NOT_STORED)
 
     @field_validator("stream", "echo", mode="before", check_fields=False)
@@ -251,14 +287,18 @@ class ChatCompletionRequest(SamplingFields):
                                         min_length=1)
     max_completion_tokens: int | None = supported(None, "as max_tokens, and wins over it",
                                                   ge=1, le=1_000_000)
-    tools: list[Tool] | None = supported(None, "function tools, constrained decoding")
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = supported(
-        None, "`required` or a named function needs `tools`")
+    tools: list[Tool | CustomTool] | None = supported(
+        None, "function tools, under constrained decoding; custom (free-form) tools are "
+        "refused")
+    tool_choice: (Literal["none", "auto", "required"] | NamedToolChoice | AllowedToolChoice
+                  | CustomToolChoice | None) = supported(
+        None, "`none`, `auto`, `required`, a named function, `allowed_tools`; all but "
+        "`none` and `auto` need `tools`")
     parallel_tool_calls: bool | None = supported(None, "false: at most one call")
     response_format: ResponseFormat | None = supported(
         None, "`text`, `json_object`, `json_schema` (constrained decoding)")
-    logprobs: bool | None = refused("not implemented yet", [None, False])
-    top_logprobs: int | None = refused("not implemented yet", [None, 0], ge=0, le=20)
+    logprobs: bool | None = supported(None, LOGPROBS)
+    top_logprobs: int | None = supported(None, "needs `logprobs: true`", ge=0, le=20)
     audio: dict[str, Any] | None = refused("the model writes text only", [None])
     modalities: list[Literal["text", "audio"]] | None = refused(
         "the model writes text only", [None, ["text"]])
@@ -287,12 +327,23 @@ class ChatCompletionRequest(SamplingFields):
     def token_cap(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def function_tools(self) -> list[Tool]:
+        """The tools, all function tools: a custom one (free-form input) is refused."""
+        out = []
+        for i, tool in enumerate(self.tools or []):
+            if not isinstance(tool, Tool):
+                raise Unsupported(f"unsupported: tools.{i} of type custom: only function "
+                                  "tools (JSON arguments) are supported", "tools")
+            out.append(tool)
+        return out
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]] = supported(
         ..., "a string; a list of one string; token ids; a list of one token-id list")
     echo: bool = supported(False, "the prompt before the completion")
-    logprobs: int | None = refused("not implemented yet", [None], ge=0, le=5)
+    logprobs: int | None = supported(None, LOGPROBS + "; the legacy shape (tokens, "
+                                     "token_logprobs, top_logprobs, text_offset)", ge=0, le=5)
     best_of: int | None = refused("one candidate per choice", [None, 1], ge=1, le=20)
     suffix: str | None = refused("the model has no fill-in-the-middle mode", [None, ""])
 
@@ -313,6 +364,7 @@ class Prepared:
     echo: str = ""  # text completions: the prompt, asked back before the completion
     #: The engine generation that tokenized it: it runs on that engine or is refused.
     generation: int | None = None
+    n: int = 1  # choices
 
 
 def to_job(p: Prepared, sink: Sink, transport: str, *, expiry_s: float | None = None,
@@ -326,7 +378,7 @@ def to_job(p: Prepared, sink: Sink, transport: str, *, expiry_s: float | None = 
     if unix_deadline is not None:
         deadline = min(deadline, now + (unix_deadline - time.time()))
     return Job(p.prompt_tokens, p.sampling, sink, deadline, guidance=p.guidance,
-               transport=transport, generation=p.generation)
+               transport=transport, generation=p.generation, n=p.n)
 
 
 # -------------------------------------------------------------- profiles
@@ -373,21 +425,43 @@ def _call_schema(tool: Tool) -> dict[str, Any]:
     }
 
 
-def tool_guidance(req: ChatCompletionRequest) -> tuple[dict[str, Any], list[Tool]] | None:
-    """The JSON schema the answer must follow when tools are offered, or None.
+def offered_tools(req: ChatCompletionRequest) -> tuple[list[Tool], bool] | None:
+    """The tools the model may call and whether it may answer without a call; None when
+    it calls none."""
+    choice = req.tool_choice
+    if not req.tools or choice == "none":
+        return None
+    tools = req.function_tools()
+    if isinstance(choice, CustomToolChoice):
+        raise Unsupported("unsupported: tool_choice of type custom: only function tools are "
+                          "supported", "tool_choice")
+    if isinstance(choice, NamedToolChoice):
+        names, may_answer = {choice.function.name}, False
+    elif isinstance(choice, AllowedToolChoice):
+        names = {t.function.name for t in choice.allowed_tools.tools}
+        may_answer = choice.allowed_tools.mode == "auto"
+    else:
+        return tools, choice in (None, "auto")
+    tools = [t for t in tools if t.function.name in names]
+    if not tools:
+        raise InvalidRequest(f"tool_choice names {', '.join(sorted(names))}, not in tools",
+                             "tool_choice")
+    return tools, may_answer
+
+
+def tool_guidance(req: ChatCompletionRequest
+                  ) -> tuple[dict[str, Any], list[Tool], bool] | None:
+    """The JSON schema the answer must follow when tools are offered, the tools, and
+    whether it may answer without a call; None without tools.
 
     The model answers in an envelope: ``{"tool_calls": [{"name", "arguments"}]}`` or, when
-    tool_choice is auto, ``{"content": "..."}``. The daemon parses it into OpenAI's shape.
+    it may answer without a call, ``{"content": "..."}``. The daemon parses it into
+    OpenAI's shape.
     """
-    if not req.tools or req.tool_choice == "none":
+    offer = offered_tools(req)
+    if offer is None:
         return None
-    tools = req.tools
-    if isinstance(req.tool_choice, NamedToolChoice):
-        tools = [t for t in tools if t.function.name == req.tool_choice.function.name]
-        if not tools:
-            raise InvalidRequest(
-                f"tool_choice names {req.tool_choice.function.name!r}, which is not in tools",
-                "tool_choice")
+    tools, may_answer = offer
     call = {"anyOf": [_call_schema(t) for t in tools]} if len(tools) > 1 else _call_schema(
         tools[0])
     calls = {
@@ -397,11 +471,11 @@ def tool_guidance(req: ChatCompletionRequest) -> tuple[dict[str, Any], list[Tool
         "required": ["tool_calls"],
         "additionalProperties": False,
     }
-    if req.tool_choice in (None, "auto"):
+    if may_answer:
         text = {"type": "object", "properties": {"content": {"type": "string"}},
                 "required": ["content"], "additionalProperties": False}
-        return {"anyOf": [calls, text]}, tools
-    return calls, tools
+        return {"anyOf": [calls, text]}, tools, True
+    return calls, tools, False
 
 
 def json_guidance(schema: dict[str, Any]) -> tuple[str, str]:
@@ -457,7 +531,21 @@ def _sampling(req: SamplingFields, profile: ProfileSettings, prompt_len: int,
         min_tokens=req.min_tokens or 0,
         stop=tuple(stops),
         seed=None if req.seed == -1 else req.seed,  # -1: random, as vLLM and llama.cpp
+        frequency_penalty=req.frequency_penalty or 0.0,
+        presence_penalty=req.presence_penalty or 0.0,
+        logprobs=_logprobs(req),
     )
+
+
+def _logprobs(req: SamplingFields) -> int | None:
+    """How many alternatives each token's logprob comes with; None: no logprobs."""
+    if isinstance(req, CompletionRequest):
+        return req.logprobs
+    if isinstance(req, ChatCompletionRequest):
+        if req.top_logprobs and not req.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true", "top_logprobs")
+        return (req.top_logprobs or 0) if req.logprobs else None
+    return None
 
 
 def _new(kind: str) -> tuple[str, int]:
@@ -502,8 +590,8 @@ def prepare_chat(req: ChatCompletionRequest, engine: Engine, settings: Settings,
     tool_mode = False
     tools = tool_guidance(req)
     if tools is not None:
-        schema, offered = tools
-        note = _tools_system_prompt(offered, req.tool_choice in (None, "auto"))
+        schema, offered, may_answer = tools
+        note = _tools_system_prompt(offered, may_answer)
         if messages[0]["role"] == "system":
             messages[0]["content"] += ["\n\n" + note]
         else:
@@ -531,7 +619,7 @@ def prepare_chat(req: ChatCompletionRequest, engine: Engine, settings: Settings,
     rid, created = _new("chatcmpl")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return Prepared(rid, req.model, created, tokens, sampling, guidance, tool_mode,
-                    include_usage, _deadline(settings), generation=generation)
+                    include_usage, _deadline(settings), generation=generation, n=req.n or 1)
 
 
 def _deadline(settings: Settings) -> float:
@@ -558,7 +646,7 @@ def prepare_completion(req: CompletionRequest, engine: Engine, settings: Setting
     rid, created = _new("cmpl")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return Prepared(rid, req.model, created, tokens, sampling, None, False, include_usage,
-                    _deadline(settings), text if req.echo else "", generation)
+                    _deadline(settings), text if req.echo else "", generation, req.n or 1)
 
 
 def _prompt(prompt: str | list[str] | list[int] | list[list[int]], engine: Engine
@@ -618,31 +706,132 @@ def render_completion(p: Prepared, text: str, fin: Finish, chat: bool) -> dict[s
     return render(p, text, fin.reason, fin.prompt_tokens, fin.completion_tokens)
 
 
-def answer(p: Prepared, text: str, fin: Finish, chat: bool) -> dict[str, Any] | JobError:
-    """The whole answer, or a 500 when the guided output does not parse."""
-    try:
-        return render_completion(p, text, fin, chat)
-    except (ValueError, KeyError) as exc:
-        return JobError(500, "guidance_error", f"the guided output did not parse: {exc}")
+class Choice:
+    """What one choice has produced: its text, its tokens' logprobs, its end."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.logprobs: list[Logprob] = []
+        self.finish: Finish | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts) + (self.finish.tail if self.finish else "")
+
+
+class Choices:
+    """A request's ``n`` choices, gathered from the scheduler's items by a transport."""
+
+    def __init__(self, p: Prepared) -> None:
+        self.p = p
+        self.rows = [Choice() for _ in range(p.n)]
+
+    def add(self, item: Delta | Finish) -> None:
+        row = self.rows[item.index]
+        if isinstance(item, Delta):
+            row.parts.append(item.text)
+            row.logprobs.extend(item.logprobs)
+        else:
+            row.finish = item
+
+    @property
+    def done(self) -> bool:
+        return all(row.finish is not None for row in self.rows)
+
+    def offset(self, index: int) -> int:
+        """Where choice ``index``'s next token starts in its text (echo included), counted
+        in the tokens' own texts, as text_offset counts them."""
+        return len(self.p.echo) + sum(len(lp.chosen.token) for lp in self.rows[index].logprobs)
+
+    def usage(self) -> dict[str, int]:
+        """The prompt once, the completions of every choice (as OpenAI counts n)."""
+        fins = [row.finish for row in self.rows if row.finish is not None]
+        return usage(fins[0].prompt_tokens if fins else 0,
+                     sum(f.completion_tokens for f in fins))
+
+
+def _token(t: TokenLogprob) -> dict[str, Any]:
+    return {"token": t.token, "logprob": t.logprob, "bytes": t.bytes}
+
+
+def render_logprobs(p: Prepared, logprobs: list[Logprob], chat: bool, offset: int = 0
+                    ) -> dict[str, Any] | None:
+    """A choice's (or a chunk's) logprobs in OpenAI's shape: chat's ``content`` list, or
+    completions' legacy columns with ``text_offset`` from ``offset``; None when not asked."""
+    if p.sampling.logprobs is None:
+        return None
+    if chat:
+        return {"content": [dict(_token(lp.chosen), top_logprobs=[_token(t) for t in lp.top])
+                            for lp in logprobs], "refusal": None}
+    offsets = []
+    for lp in logprobs:
+        offsets.append(offset)
+        offset += len(lp.chosen.token)
+    return {"tokens": [lp.chosen.token for lp in logprobs],
+            "token_logprobs": [lp.chosen.logprob for lp in logprobs],
+            "top_logprobs": [{t.token: t.logprob for t in lp.top} for lp in logprobs],
+            "text_offset": offsets}
+
+
+def answer(p: Prepared, choices: Choices, chat: bool) -> dict[str, Any] | JobError:
+    """The whole answer of every choice, or a 500 when a guided output does not parse."""
+    docs = []
+    for index, row in enumerate(choices.rows):
+        assert row.finish is not None, "answer() before every choice finished"
+        try:
+            doc = render_completion(p, row.text, row.finish, chat)
+        except (ValueError, KeyError) as exc:
+            return JobError(500, "guidance_error", f"the guided output did not parse: {exc}")
+        docs.append(dict(doc["choices"][0], index=index,
+                         logprobs=render_logprobs(p, row.logprobs, chat, len(p.echo))))
+    return dict(doc, choices=docs, usage=choices.usage())
 
 
 def first_chunks(p: Prepared, chat: bool) -> list[dict[str, Any]]:
-    """The chunks that open a stream: the assistant's role, or an echoed prompt."""
+    """The chunks that open a stream: each choice's role, or its echoed prompt."""
     if chat:
-        return [chat_chunk(p, {"role": "assistant", "content": ""}, None)]
-    return [text_chunk(p, p.echo, None)] if p.echo else []
+        return [chat_chunk(p, {"role": "assistant", "content": ""}, None, i)
+                for i in range(p.n)]
+    return [text_chunk(p, p.echo, None, i) for i in range(p.n)] if p.echo else []
 
 
-def delta_chunk(p: Prepared, text: str, chat: bool) -> dict[str, Any]:
+def delta_chunk(p: Prepared, text: str, chat: bool, index: int = 0,
+                logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     if chat:
-        return chat_chunk(p, {"content": text}, None)
-    return text_chunk(p, text, None)
+        return chat_chunk(p, {"content": text}, None, index, logprobs)
+    return text_chunk(p, text, None, index, logprobs)
 
 
-def final_chunks(p: Prepared, fin: Finish, held: list[str], chat: bool
-                 ) -> list[dict[str, Any]]:
-    """The chunks that end a stream: a tool call (parsed from the ``held`` envelope) or the
-    held-back tail, the finish reason, and the usage when asked for."""
+def stream_delta(p: Prepared, choices: Choices, d: Delta, chat: bool) -> dict[str, Any]:
+    """The chunk of a choice's tokens (their text and logprobs); ``choices`` records them."""
+    logprobs = render_logprobs(p, d.logprobs, chat, choices.offset(d.index))
+    choices.add(d)
+    return delta_chunk(p, d.text, chat, d.index, logprobs)
+
+
+def coalesce(items: SequenceT[Any]) -> list[Any]:
+    """Consecutive Deltas of one choice merged into one (their text and logprobs), so that
+    what arrived together goes out as one chunk; other items as they are."""
+    out: list[Any] = []
+    for item in items:
+        prev = out[-1] if out else None
+        if (isinstance(item, Delta) and isinstance(prev, Delta)
+                and prev.index == item.index):
+            out[-1] = Delta(item.token, prev.text + item.text, prev.logprobs + item.logprobs,
+                            item.index)
+        else:
+            out.append(item)
+    return out
+
+
+def final_chunks(p: Prepared, fin: Finish, held: list[str], chat: bool,
+                 choices: Choices | None = None) -> list[dict[str, Any]]:
+    """The chunks that end a choice's stream: a tool call (parsed from the ``held``
+    envelope) or the held-back tail, the finish reason; and, once every choice of
+    ``choices`` has ended (it records ``fin``), the usage when asked for."""
+    if choices is not None:
+        choices.add(fin)
+    index = fin.index
     out = []
     reason = finish_reason(fin.reason)
     if p.tool_mode:
@@ -653,13 +842,15 @@ def final_chunks(p: Prepared, fin: Finish, held: list[str], chat: bool
         if message.get("tool_calls"):
             delta["tool_calls"] = [dict(c, index=i) for i, c in
                                    enumerate(message["tool_calls"])]
-        out.append(chat_chunk(p, delta, None))
+        out.append(chat_chunk(p, delta, None, index))
         reason = doc["choices"][0]["finish_reason"]
     elif fin.tail:
-        out.append(delta_chunk(p, fin.tail, chat))
-    out.append(chat_chunk(p, {}, reason) if chat else text_chunk(p, "", reason))
-    if p.include_usage:
-        out.append(usage_chunk(p, fin.prompt_tokens, fin.completion_tokens, chat))
+        out.append(delta_chunk(p, fin.tail, chat, index))
+    out.append(chat_chunk(p, {}, reason, index) if chat else text_chunk(p, "", reason, index))
+    if p.include_usage and (choices is None or choices.done):
+        totals = choices.usage() if choices is not None else usage(fin.prompt_tokens,
+                                                                   fin.completion_tokens)
+        out.append(usage_chunk(p, totals["prompt_tokens"], totals["completion_tokens"], chat))
     return out
 
 
@@ -686,10 +877,12 @@ def chat_completion(p: Prepared, text: str, reason: str, prompt_tokens: int,
     }
 
 
-def chat_chunk(p: Prepared, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+def chat_chunk(p: Prepared, delta: dict[str, Any], finish: str | None, index: int = 0,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "id": p.id, "object": "chat.completion.chunk", "created": p.created, "model": p.model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        "choices": [{"index": index, "delta": delta, "finish_reason": finish,
+                     "logprobs": logprobs}],
     }
 
 
@@ -711,10 +904,11 @@ def text_completion(p: Prepared, text: str, reason: str, prompt_tokens: int,
     }
 
 
-def text_chunk(p: Prepared, text: str, finish: str | None) -> dict[str, Any]:
+def text_chunk(p: Prepared, text: str, finish: str | None, index: int = 0,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"id": p.id, "object": "text_completion", "created": p.created, "model": p.model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish,
-                         "logprobs": None}]}
+            "choices": [{"index": index, "text": text, "finish_reason": finish,
+                         "logprobs": logprobs}]}
 
 
 def error_body(message: str, type_: str = "invalid_request_error", code: str | None = None,

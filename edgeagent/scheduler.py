@@ -11,11 +11,16 @@ Admission is checked at ``submit``: queue full (429), prompt or total too long f
 (400), available memory below the plan's headroom (503), not accepting (503). A job's
 deadline (408) and cancellation are checked before every step, so a cancelled or expired
 job leaves the batch within one token step.
+
+A job asking for ``n`` choices runs as ``n`` sequences of one batch sharing the prompt; each
+counts against the capacity and the queue, and its items carry their choice's ``index``.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import hashlib
 import itertools
 import threading
 import time
@@ -26,6 +31,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from edgeagent.backpressure import DrainRate
 from edgeagent.engine import Delta, Engine, Finish, Sampling, Sequence
 from edgeagent.planner import Plan
 from edgeagent.probe import available_memory
@@ -40,10 +46,12 @@ class AdmissionError(Exception):
     status = 400
     code = "invalid_request_error"
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, *,
+                 retry_after: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param  # the request field at fault, when there is one
+        self.retry_after = retry_after  # seconds after which a retry may succeed
 
 
 class PromptTooLong(AdmissionError):
@@ -65,7 +73,7 @@ class ModelChanged(Unavailable):
     code = "model_changed"
 
     def __init__(self) -> None:
-        super().__init__(MODEL_CHANGED)
+        super().__init__(MODEL_CHANGED, retry_after=1)  # the new model already serves
 
 
 MODEL_CHANGED = "the model changed after this request was prepared; retry"
@@ -101,9 +109,30 @@ class Job:
     submitted: float = field(default_factory=time.monotonic)
     first_token: float | None = None
     cancelled: bool = False
-    seq: Sequence | None = None
     #: The engine generation that tokenized the prompt (None: any engine).
     generation: int | None = None
+    #: Choices: sequences started together from the one prompt.
+    n: int = 1
+    #: A JobError went to the sink: the job's other rows end without a word.
+    failed: bool = False
+
+
+@dataclass(frozen=True)
+class _Row:
+    """A running sequence: its job and the choice it is."""
+
+    job: Job
+    seq: Sequence
+    index: int
+
+
+def row_sampling(sampling: Sampling, index: int) -> Sampling:
+    """The sampling of choice ``index``: with a seed, row 0 keeps it (n=1 reproduces as
+    before) and row i > 0 gets one derived from (seed, i), so choices differ but repeat."""
+    if index == 0 or sampling.seed is None:
+        return sampling
+    digest = hashlib.sha256(f"{sampling.seed}:{index}".encode()).digest()
+    return dataclasses.replace(sampling, seed=int.from_bytes(digest[:8], "big") >> 1)
 
 
 @dataclass
@@ -129,8 +158,10 @@ class Scheduler:
         self.plan = plan
         self.settings = settings
         self.stats = Stats()
+        #: what a refused client is told to wait (Retry-After)
+        self.drain_rate = DrainRate()
         self._queue: collections.deque[Job] = collections.deque()
-        self._running: dict[int, Job] = {}  # id(seq) -> job
+        self._running: dict[int, _Row] = {}  # id(seq) -> its row
         self._cond = threading.Condition()
         self._accepting = True
         self._stop = False
@@ -168,7 +199,14 @@ class Scheduler:
 
     @property
     def active(self) -> int:
+        """Sequences running (a job of n choices runs n)."""
         return len(self._running)
+
+    def _queued_rows(self) -> int:
+        return sum(job.n for job in self._queue)
+
+    def _jobs_running(self) -> list[Job]:
+        return list({id(row.job): row.job for row in self._running.values()}.values())
 
     # ------------------------------------------------------------ admission
     def check_prompt(self, prompt_len: int, max_tokens: int, plan: Plan | None = None) -> None:
@@ -201,6 +239,9 @@ class Scheduler:
             plan = self._plan_of(job)
         if plan is None:
             raise ModelChanged()
+        if job.n > self._engine.capacity:
+            raise AdmissionError(f"n ({job.n}) is above the {self._engine.capacity} "
+                                 "sequences this daemon runs at once", "n")
         self.check_prompt(len(job.prompt_tokens), job.sampling.max_tokens, plan)
         headroom = self.plan.headroom_bytes
         avail = available_memory(self.settings.runtime.probe_root)
@@ -209,16 +250,19 @@ class Scheduler:
                         headroom_mb=headroom // 2**20)
             raise Unavailable(
                 f"available memory ({avail // 2**20} MB) is below the planned headroom "
-                f"({headroom // 2**20} MB); try again later"
+                f"({headroom // 2**20} MB); try again later",
+                retry_after=self.drain_rate.retry_after(self.queue_depth),
             )
         with self._cond:
-            if len(self._queue) >= self.settings.limits.max_queue:
+            # Sequences count; an empty queue takes any job that fits a batch.
+            queued = self._queued_rows()
+            if queued and queued + job.n > self.settings.limits.max_queue:
                 raise QueueFull(
                     f"the queue is full ({self.settings.limits.max_queue} requests waiting); "
-                    "retry later"
+                    "retry later", retry_after=self.drain_rate.retry_after(self.queue_depth)
                 )
             self._queue.append(job)
-            self._levels.append((time.monotonic(), len(self._queue) + len(self._running)))
+            self._levels.append((time.monotonic(), queued + job.n + len(self._running)))
             self._recent_peak()  # prunes: under sustained load the loop never gathers
             self.stats.submitted += 1
             self._cond.notify()
@@ -231,7 +275,7 @@ class Scheduler:
 
     def cancel_all(self) -> None:
         with self._cond:
-            for job in itertools.chain(self._queue, self._running.values()):
+            for job in itertools.chain(self._queue, self._jobs_running()):
                 job.cancelled = True
             self._cond.notify()
 
@@ -325,7 +369,7 @@ class Scheduler:
             return
         expected = min(self._engine.capacity, self._recent_peak())
         until = self._queue[0].submitted + window
-        while (not self._stop and len(self._queue) < expected
+        while (not self._stop and self._queued_rows() < expected
                and (left := until - time.monotonic()) > 0):
             self._cond.wait(timeout=left)
 
@@ -379,55 +423,71 @@ class Scheduler:
                 else:
                     waiting.append(job)
             self._queue = waiting
+        rows = len(self._running)
         while (self._queue and self._runs_now(self._queue[0])
-               and len(self._running) + len(admitted) < self._engine.capacity):
+               and rows + self._queue[0].n <= self._engine.capacity):
+            rows += self._queue[0].n
             admitted.append(self._queue.popleft())
         return admitted
 
     def _start(self, job: Job) -> None:
-        """Hand a job to the engine (cheap: the engine only queues it); under the lock."""
+        """Hand a job's rows to the engine (cheap: the engine only queues them), one after
+        the other so that they share a batch; under the lock."""
         try:
-            seq = self._engine.start(job.prompt_tokens, job.sampling, job.guidance)
-        except Exception as exc:
+            seqs = [self._engine.start(job.prompt_tokens, row_sampling(job.sampling, i),
+                                       job.guidance) for i in range(job.n)]
+        except Exception as exc:  # the same prompt for every row: the first one fails
             log.warning("job refused by the engine", job=job.id, error=str(exc))
             self.stats.errors["engine"] += 1
             self._deliver(job, JobError(400, "invalid_request_error", str(exc)))
             return
-        job.seq = seq
-        self._running[id(seq)] = job
+        for index, seq in enumerate(seqs):
+            self._running[id(seq)] = _Row(job, seq, index)
 
     def _apply_cancels(self) -> None:
         now = time.monotonic()
-        for job in self._running.values():
-            if job.seq is None:
-                continue
-            if job.cancelled or now >= job.deadline:
-                self._engine.cancel(job.seq)
+        for row in self._running.values():
+            if row.job.cancelled or now >= row.job.deadline:
+                self._engine.cancel(row.seq)
 
     def _dispatch(self, events: list[tuple[Sequence, Delta | Finish]]) -> None:
         for seq, item in events:
-            job = self._running.get(id(seq))
-            if job is None:
+            row = self._running.get(id(seq))
+            if row is None:
                 continue
+            job = row.job
+            item.index = row.index
             if isinstance(item, Delta):
                 if job.first_token is None:
                     job.first_token = time.monotonic()
                     self.stats.ttft_s.append(job.first_token - job.submitted)
-                self._deliver(job, item)
+                if not job.failed:
+                    self._deliver(job, item)
                 continue
             with self._cond:
                 del self._running[id(seq)]
             self._account(job, item)
+            if job.failed:
+                continue
             if item.reason == "cancelled" and not job.cancelled:
                 self._expire(job)  # cancelled by us because its deadline passed
             elif item.reason == "error":
                 self.stats.errors["engine"] += 1
-                self._deliver(job, JobError(500, "engine_error",
-                                            item.error or "generation failed"))
+                self._fail(job, JobError(500, "engine_error",
+                                         item.error or "generation failed"))
             else:
                 self._deliver(job, item)
 
+    def _fail(self, job: Job, err: JobError) -> None:
+        """The job's one error; its other rows are cancelled and end unheard."""
+        job.failed = True
+        for row in list(self._running.values()):
+            if row.job is job:
+                self._engine.cancel(row.seq)
+        self._deliver(job, err)
+
     def _account(self, job: Job, fin: Finish) -> None:
+        self.drain_rate.finished(job.submitted)
         self.stats.prompt_tokens += fin.prompt_tokens
         self.stats.generated_tokens += fin.completion_tokens
         if fin.reason == "cancelled":
@@ -444,8 +504,8 @@ class Scheduler:
     def _expire(self, job: Job) -> None:
         self.stats.errors["timeout"] += 1
         waited = time.monotonic() - job.submitted
-        self._deliver(job, JobError(408, "timeout",
-                                    f"the request's deadline passed after {waited:.1f}s"))
+        self._fail(job, JobError(408, "timeout",
+                                 f"the request's deadline passed after {waited:.1f}s"))
 
     def _deliver(self, job: Job, item: Item) -> None:
         try:
@@ -455,11 +515,12 @@ class Scheduler:
 
     def _fail_running(self, message: str) -> None:
         with self._cond:
-            jobs = list(self._running.values())
+            jobs = self._jobs_running()
+            rows = list(self._running.values())
             self._running.clear()
+        for row in rows:
+            self._engine.cancel(row.seq)  # the engine drops it at its next step
         for job in jobs:
-            if job.seq is not None:
-                self._engine.cancel(job.seq)  # the engine drops it at its next step
             self.stats.errors["engine"] += 1
             self._deliver(job, JobError(500, "engine_error", message))
 
@@ -467,16 +528,17 @@ class Scheduler:
         """Fail the running jobs the engine no longer holds and will never finish: their
         slots free, and the loop waits instead of stepping an engine with nothing to do."""
         with self._cond:
-            lost = [key for key, job in self._running.items()
-                    if job.seq is not None and not self._engine.holds(job.seq)]
-            jobs = [self._running.pop(key) for key in lost]
-        for job in jobs:
+            lost = [key for key, row in self._running.items()
+                    if not self._engine.holds(row.seq)]
+            jobs = {id(row.job): row.job for row in map(self._running.pop, lost)}
+        for job in jobs.values():
             log.error("the engine lost a job", job=job.id)
             self.stats.errors["engine"] += 1
-            self._deliver(job, JobError(500, "engine_error", "the engine lost the request"))
+            if not job.failed:
+                self._fail(job, JobError(500, "engine_error", "the engine lost the request"))
 
     def _fail_all(self, message: str) -> None:
-        jobs = list(self._queue) + list(self._running.values())
+        jobs = list(self._queue) + self._jobs_running()
         self._queue.clear()
         self._running.clear()
         for job in jobs:

@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from edgeagent import __version__, protocol
-from edgeagent.engine import Delta, Finish
+from edgeagent.engine import Finish
 from edgeagent.scheduler import AdmissionError, Item, Job, JobError
 from edgeagent.serving import ServingClient
 from edgeagent.settings import Settings
@@ -241,7 +241,9 @@ def _err(status: int, message: str, code: str | None = None,
 
 
 def _job_error(err: JobError | AdmissionError) -> JSONResponse:
-    return JSONResponse(protocol.job_error_body(err), status_code=err.status)
+    retry_after = err.retry_after if isinstance(err, AdmissionError) else None
+    return JSONResponse(protocol.job_error_body(err), status_code=err.status,
+                        headers={"Retry-After": str(retry_after)} if retry_after else None)
 
 
 def create_app(serving: ServingClient, health: Health, metrics: Metrics,
@@ -363,7 +365,7 @@ async def _serve(serving: ServingClient, request: Request, prepared: protocol.Pr
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     watcher = asyncio.ensure_future(_wait_disconnect(request))
-    parts: list[str] = []
+    choices = protocol.Choices(prepared)
     try:
         while True:
             getter = asyncio.ensure_future(bridge.take())
@@ -374,12 +376,11 @@ async def _serve(serving: ServingClient, request: Request, prepared: protocol.Pr
                 serving.cancel(job)  # the client went away
                 return Response(status_code=499)
             for item in getter.result():
-                if isinstance(item, Delta):
-                    parts.append(item.text)
-                elif isinstance(item, JobError):
+                if isinstance(item, JobError):
                     return _job_error(item)
-                else:
-                    doc = protocol.answer(prepared, "".join(parts) + item.tail, item, chat)
+                choices.add(item)
+                if choices.done:
+                    doc = protocol.answer(prepared, choices, chat)
                     return _job_error(doc) if isinstance(doc, JobError) else JSONResponse(doc)
     finally:
         watcher.cancel()
@@ -393,27 +394,30 @@ async def _sse(serving: ServingClient, job: Job, bridge: _Bridge,
                prepared: protocol.Prepared, chat: bool) -> AsyncIterator[str]:
     """Server-sent events; a client that goes away cancels the job (the finally below)."""
     finished = False
+    choices = protocol.Choices(prepared)
     try:
         for doc in protocol.first_chunks(prepared, chat):
             yield _sse_line(doc)
-        held: list[str] = []  # tool envelopes are parsed whole, then sent as one delta
         while True:
-            items = await bridge.take()
-            texts = [i.text for i in items if isinstance(i, Delta)]
-            if prepared.tool_mode:
-                held.extend(texts)
-            elif any(texts):  # what arrived together goes out as one event
-                yield _sse_line(protocol.delta_chunk(prepared, "".join(texts), chat))
-            last = items[-1]
-            if isinstance(last, JobError):
+            # What arrived together goes out as one event per choice.
+            for item in protocol.coalesce(await bridge.take()):
+                if isinstance(item, JobError):
+                    finished = True
+                    yield _sse_line(protocol.job_error_body(item))
+                    yield "data: [DONE]\n\n"
+                    return
+                if isinstance(item, Finish):
+                    held = choices.rows[item.index].parts  # a tool envelope, whole
+                    for doc in protocol.final_chunks(prepared, item, held, chat, choices):
+                        yield _sse_line(doc)
+                elif prepared.tool_mode:  # parsed whole at the end, sent as one delta
+                    choices.add(item)
+                elif item.text or item.logprobs:
+                    yield _sse_line(protocol.stream_delta(prepared, choices, item, chat))
+                else:
+                    choices.add(item)
+            if choices.done:
                 finished = True
-                yield _sse_line(protocol.job_error_body(last))
-                yield "data: [DONE]\n\n"
-                return
-            if isinstance(last, Finish):
-                finished = True
-                for doc in protocol.final_chunks(prepared, last, held, chat):
-                    yield _sse_line(doc)
                 yield "data: [DONE]\n\n"
                 return
     finally:

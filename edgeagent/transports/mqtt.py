@@ -605,16 +605,17 @@ def _dedup_key(route: Route, payload: bytes | bytearray) -> str | None:
 
 
 def _coalesce(jobs: Iterable[tuple[_Reply, Item]]) -> list[tuple[_Reply, Item]]:
-    """Merge each reply's consecutive tokens into one Delta. A reply's items keep their
-    order; the order between different replies does not matter."""
+    """Merge each reply's consecutive tokens of one choice into one Delta. A reply's items
+    keep their order; the order between different replies does not matter."""
     out: list[tuple[_Reply, Item]] = []
     latest: dict[int, int] = {}  # id(reply) -> index in ``out`` of its latest item
     for reply, item in jobs:
         at = latest.get(id(reply))
         if at is not None and isinstance(item, Delta):
             prev = out[at][1]
-            if isinstance(prev, Delta):
-                out[at] = (reply, Delta(item.token, prev.text + item.text))
+            if isinstance(prev, Delta) and prev.index == item.index:
+                out[at] = (reply, Delta(item.token, prev.text + item.text,
+                                        prev.logprobs + item.logprobs, item.index))
                 continue
         latest[id(reply)] = len(out)
         out.append((reply, item))
@@ -630,7 +631,7 @@ class _Reply:
         self.entry = entry
         self.p = prepared
         self.stream = stream and not prepared.tool_mode
-        self.parts: list[str] = []
+        self.choices = protocol.Choices(prepared)
         self.seq = 0
 
     def _out(self, doc: dict[str, Any]) -> None:
@@ -643,21 +644,24 @@ class _Reply:
     def handle(self, item: Item) -> None:
         """Render and publish one item (on the transport's reply thread)."""
         if isinstance(item, Delta):
-            if self.stream:
-                if item.text:
-                    self._chunk({"content": item.text}, None)
+            if self.stream and (item.text or item.logprobs):
+                self._out_chunk(protocol.stream_delta(self.p, self.choices, item, chat=True))
             else:
-                self.parts.append(item.text)
+                self.choices.add(item)
             return
         if isinstance(item, JobError):
             self._out(_error_doc(protocol.job_error_body(item), item.status))
         elif isinstance(item, Finish):
             self._finish(item)
+            if not self.choices.done:
+                return  # other choices still run
         self.t.finished(self.entry)
 
-    def _chunk(self, delta: dict[str, Any], finish: str | None,
+    def _chunk(self, delta: dict[str, Any], finish: str | None, index: int = 0,
                usage: dict[str, int] | None = None) -> None:
-        doc = protocol.chat_chunk(self.p, delta, finish)
+        self._out_chunk(protocol.chat_chunk(self.p, delta, finish, index), usage)
+
+    def _out_chunk(self, doc: dict[str, Any], usage: dict[str, int] | None = None) -> None:
         doc["seq"] = self.seq
         self.seq += 1
         if usage is not None:
@@ -665,12 +669,15 @@ class _Reply:
         self._out(doc)
 
     def _finish(self, fin: Finish) -> None:
-        if self.stream:  # one last chunk: the held-back tail, the reason and the usage
+        self.choices.add(fin)
+        if self.stream:  # a choice's last chunk: its tail, its reason; the usage in the last
             self._chunk({"content": fin.tail} if fin.tail else {},
-                        protocol.finish_reason(fin.reason),
-                        protocol.usage(fin.prompt_tokens, fin.completion_tokens))
+                        protocol.finish_reason(fin.reason), fin.index,
+                        self.choices.usage() if self.choices.done else None)
             return
-        doc = protocol.answer(self.p, "".join(self.parts) + fin.tail, fin, chat=True)
+        if not self.choices.done:
+            return
+        doc = protocol.answer(self.p, self.choices, chat=True)
         if isinstance(doc, JobError):
             doc = _error_doc(protocol.job_error_body(doc), doc.status)
         self._out(doc)
