@@ -131,9 +131,12 @@ class Serving:
 
     def _running(self) -> Scheduler:
         if self._scheduler is None or not self.ready:
-            raise protocol.ModelLoading(
-                "the model is still loading" if self.state in ("starting", "loading")
-                else "the daemon is shutting down")
+            # Loading: come back in a second (/health says when it is ready). Draining: no
+            # Retry-After, for this process will not serve again; a client should go
+            # elsewhere or wait for the next start.
+            if self.state in ("starting", "loading"):
+                raise protocol.ModelLoading("the model is still loading", retry_after=1)
+            raise protocol.ModelLoading("the daemon is shutting down")
         return self._scheduler
 
     def _engine_for_new(self) -> tuple[Engine, int]:
