@@ -124,6 +124,7 @@ def test_neutral_and_informational_fields_are_accepted(oai: openai.OpenAI) -> No
     ("service_tier", "priority"),
     ("functions", [{"name": "f", "parameters": {"type": "object"}}]),
     ("moderation", {"model": "omni-moderation-latest"}),
+    ("tools", [{"type": "custom", "custom": {"name": "sql", "description": "free-form"}}]),
 ])
 def test_a_chat_value_that_cannot_be_honoured_is_refused_by_name(
         oai: openai.OpenAI, param: str, value: Any) -> None:
@@ -133,6 +134,25 @@ def test_a_chat_value_that_cannot_be_honoured_is_refused_by_name(
     err = cast(dict[str, Any], info.value.body)
     assert (err["code"], err["param"]) == ("unsupported", param)
     assert err["message"].startswith(f"unsupported: {param}")
+
+
+def test_allowed_tools_limits_the_calls(oai: openai.OpenAI) -> None:
+    """tool_choice allowed_tools (mode required): the call is to one of the allowed tools."""
+    def tool(name: str) -> dict[str, Any]:
+        return {"type": "function", "function": {
+            "name": name, "parameters": {"type": "object", "properties": {}}}}
+
+    resp = oai.chat.completions.create(
+        model="edgeagent", max_tokens=60,
+        messages=[{"role": "user", "content": "What's the weather in Paris?"}],
+        tools=[tool("get_weather"), tool("get_time")],  # type: ignore[list-item]
+        tool_choice={"type": "allowed_tools", "allowed_tools": {
+            "mode": "required", "tools": [{"type": "function",
+                                           "function": {"name": "get_time"}}]}})
+    choice = resp.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert {c.function.name for c in choice.message.tool_calls or []  # type: ignore[union-attr]
+            } == {"get_time"}
 
 
 def test_a_completions_value_that_cannot_be_honoured_is_refused_by_name(
