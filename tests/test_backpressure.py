@@ -1,0 +1,93 @@
+"""Backpressure that clients can follow: 429 (queue full) and 503 (memory guard) carry
+``Retry-After``, whole seconds from the queue's recent drain rate and the position a new
+request would have, and the official ``openai`` client, which honours it, gets every call
+through a small queue with its default retries. The daemon as a subprocess."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import DaemonProc
+from tests.test_api_limits import _fake_machine, _wait
+
+pytestmark = pytest.mark.model
+
+#: One sequence at a time and one waiting: the third concurrent request is refused.
+TIGHT = "[runtime]\nmax_batch = 1\ncontext_length = 1024\n[limits]\nmax_queue = 1\n"
+HI = [{"role": "user", "content": "Say hello."}]
+
+
+def _sdk(d: DaemonProc, **kw: Any) -> openai.OpenAI:
+    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(d.socket_path)), timeout=120)
+    return openai.OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=http,
+                         **kw)
+
+
+def _retry_after(headers: httpx.Headers) -> int:
+    value = headers.get("retry-after")
+    assert value is not None and value.isdigit(), f"no Retry-After in {dict(headers)}"
+    return int(value)
+
+
+def _post(d: DaemonProc, body: dict[str, Any]) -> None:
+    with d.client() as client:
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_queue_full_429_carries_retry_after(start_daemon: Any) -> None:
+    d: DaemonProc = start_daemon(extra_toml=TIGHT)
+    d.wait_ready()
+    long = {"messages": HI, "max_tokens": 900, "min_tokens": 900, "stream": True}
+    with d.client() as client, d.client() as other, client.stream(
+            "POST", "/v1/chat/completions", json=long) as running:
+        # Kept: a discarded line iterator closes the connection, which cancels.
+        lines = running.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        _wait(other, "active_sequences", 1)  # it runs: the one batch slot is taken
+        waiting = threading.Thread(target=_post, args=(d, {"messages": HI, "max_tokens": 2}))
+        waiting.start()
+        _wait(client, "queue_depth", 1)  # and the one place in the queue
+        with _sdk(d, max_retries=0) as sdk, pytest.raises(openai.RateLimitError) as refused:
+            sdk.chat.completions.create(model="edgeagent", messages=HI, max_tokens=2)
+        assert 1 <= _retry_after(refused.value.response.headers) <= 60
+    waiting.join(120)  # closing the stream cancelled the long one: the waiting one ran
+
+
+def test_sdk_default_retries_get_every_call_through(start_daemon: Any) -> None:
+    """Ten concurrent calls, room for two: the refused ones come back when told to, spread
+    out (each refusal counts the ones told to come back before it), and all succeed."""
+    d: DaemonProc = start_daemon(extra_toml=TIGHT)
+    d.wait_ready()
+
+    def call(sdk: openai.OpenAI) -> str:
+        done = sdk.chat.completions.create(model="edgeagent", messages=HI, max_tokens=24,
+                                           extra_body={"min_tokens": 24})
+        return done.choices[0].finish_reason
+
+    with _sdk(d) as sdk, ThreadPoolExecutor(10) as pool:  # the SDK's default: 2 retries
+        reasons = list(pool.map(call, [sdk] * 10))
+    assert reasons == ["length"] * 10
+    with d.client() as client:
+        serving = client.get("/health").json()["serving"]
+    assert serving["rejected"].get("queue_full", 0) > 0  # the retries were needed
+    assert serving["completed"] == 10
+
+
+def test_memory_guard_503_carries_retry_after(start_daemon: Any, tmp_path: Path) -> None:
+    root = tmp_path / "machine"
+    _fake_machine(root, available_mb=4096)
+    d: DaemonProc = start_daemon(extra_toml=(
+        f'[runtime]\nprobe_root = "{root}"\ncontext_length = 1024\nmemory_headroom_mb = 256\n'))
+    d.wait_ready()
+    _fake_machine(root, available_mb=100)  # below the 256 MB headroom
+    with _sdk(d, max_retries=0) as sdk, pytest.raises(openai.InternalServerError) as refused:
+        sdk.chat.completions.create(model="edgeagent", messages=HI, max_tokens=2)
+    assert refused.value.status_code == 503
+    assert 1 <= _retry_after(refused.value.response.headers) <= 60
