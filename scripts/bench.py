@@ -18,6 +18,11 @@ and idle CPU (``--idle-seconds`` without requests, as % of one core). The daemon
 context large enough for the longest prompt plus the output. ``--report DIR`` measures more
 by default (prompts of 32, 512 and 2048 tokens, 1, 2, 4 and 8 clients, an idle period
 instead of 32 and 512 tokens, 4 clients, none) and writes it to DIR.
+
+The sampling features (logprobs with 5 alternatives, frequency and presence penalties, both)
+are measured on the engine, each run alternated with the raw loop and the plain engine: the
+plain engine's ratio is their cost when unused (no logits leave the generator), each
+feature's ratio their cost when used.
 """
 
 from __future__ import annotations
@@ -135,11 +140,21 @@ class RawLoop:
         return Run(rate(count - 1, t2 - t1), t1 - t0, rate(len(tokens), t1 - t0))
 
 
-def engine_run(engine: Engine, tokens: np.ndarray, n: int) -> Run:
+#: The sampling features measured, as the Sampling fields a request sets for them.
+FEATURES: dict[str, dict[str, Any]] = {
+    "unused": {},
+    "logprobs (top 5)": {"logprobs": 5},
+    "penalties": {"frequency_penalty": 0.5, "presence_penalty": 0.5},
+    "logprobs + penalties": {"logprobs": 5, "frequency_penalty": 0.5,
+                             "presence_penalty": 0.5},
+}
+
+
+def engine_run(engine: Engine, tokens: np.ndarray, n: int, **features: Any) -> Run:
     t0 = time.perf_counter()
     first = last = 0.0
     count = 0
-    for item in engine.generate(tokens, Sampling(max_tokens=n, ignore_eos=True)):
+    for item in engine.generate(tokens, Sampling(max_tokens=n, ignore_eos=True, **features)):
         if isinstance(item, Delta):
             last = time.perf_counter()
             count += 1
@@ -603,6 +618,22 @@ def raw_block(raw: RawLoop, prompts: dict[int, tuple[str, np.ndarray]], n: int,
     return raw_runs, eng_runs
 
 
+def features_block(raw: RawLoop, engine: Engine, tokens: np.ndarray, n: int, repeat: int
+                   ) -> dict[str, dict[str, Any]]:
+    """Decode with each sampling feature, and without, each beside a raw loop run just
+    before it (alternated, so that drift hits every figure alike): the median ratio."""
+    ratios: dict[str, list[float]] = {name: [] for name in FEATURES}
+    tps: dict[str, list[float]] = {name: [] for name in FEATURES}
+    for _ in range(repeat):
+        for name, features in FEATURES.items():
+            reference = raw.run(tokens, n).decode_tps
+            run = engine_run(engine, tokens, n, **features)
+            tps[name].append(run.decode_tps)
+            ratios[name].append(run.decode_tps / reference)
+    return {name: {"decode_tps": median(tps[name]), "vs_raw": median(ratios[name]),
+                   "vs_raw_runs": ratios[name]} for name in FEATURES}
+
+
 def measure(args: argparse.Namespace, model_path: Path) -> tuple[dict[str, Any], list[Row]]:
     """The one measurement pipeline: the results document and the summary rows.
 
@@ -639,6 +670,7 @@ def measure(args: argparse.Namespace, model_path: Path) -> tuple[dict[str, Any],
     raw.run(short, 8)  # warm-up
     engine_run(engine, short, 8)
     raw_runs, eng_runs = raw_block(raw, prompts, n, repeat, engine)
+    features = features_block(raw, engine, prompts[lengths[0]][1], n, repeat)
     del engine  # free the cores' caches for the daemons
     gc.collect()
     phases["raw_and_engine_s"] = time.perf_counter() - t
@@ -661,6 +693,10 @@ def measure(args: argparse.Namespace, model_path: Path) -> tuple[dict[str, Any],
         ("TTFT ms (short prompt)", r[0]["ttft_p50_s"] * 1000, e[0]["ttft_p50_s"] * 1000,
          "engine"),
     ]
+    results["features"] = features
+    # raw: the feature's figure over its median ratio, so the ratio printed is that median
+    rows.extend((f"decode tok/s, {name}", f["decode_tps"] / f["vs_raw"], f["decode_tps"],
+                 "engine") for name, f in features.items())
     conc_doc: dict[str, list[dict[str, Any]]] = {}
     daemons: dict[str, dict[str, Any]] = {}
     c4 = 4 if 4 in clients else clients[-1]
