@@ -6,6 +6,7 @@ through a small queue with its default retries. The daemon as a subprocess."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
+from tests.broker import Broker, requester
 from tests.conftest import DaemonProc
 from tests.test_api_limits import _fake_machine, _wait
 
@@ -21,7 +24,7 @@ pytestmark = pytest.mark.model
 
 #: One sequence at a time and one waiting: the third concurrent request is refused.
 TIGHT = "[runtime]\nmax_batch = 1\ncontext_length = 1024\n[limits]\nmax_queue = 1\n"
-HI = [{"role": "user", "content": "Say hello."}]
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello."}]
 
 
 def _sdk(d: DaemonProc, **kw: Any) -> openai.OpenAI:
@@ -30,7 +33,7 @@ def _sdk(d: DaemonProc, **kw: Any) -> openai.OpenAI:
                          **kw)
 
 
-def _retry_after(headers: httpx.Headers) -> int:
+def _retry_after(headers: Mapping[str, str]) -> int:
     value = headers.get("retry-after")
     assert value is not None and value.isdigit(), f"no Retry-After in {dict(headers)}"
     return int(value)
@@ -91,3 +94,17 @@ def test_memory_guard_503_carries_retry_after(start_daemon: Any, tmp_path: Path)
         sdk.chat.completions.create(model="edgeagent", messages=HI, max_tokens=2)
     assert refused.value.status_code == 503
     assert 1 <= _retry_after(refused.value.response.headers) <= 60
+
+
+@pytest.mark.broker
+def test_mqtt_queue_full_reply_carries_retry_after(start_daemon: Any, broker: Broker) -> None:
+    """MQTT has no headers: the error object of the reply carries ``retry_after``."""
+    d: DaemonProc = start_daemon(extra_toml=f'{TIGHT}[mqtt]\nurl = "{broker.url}"\n')
+    d.wait_ready()
+    body = {"messages": HI, "max_tokens": 200, "min_tokens": 200}
+    with requester(broker) as r:
+        for i in range(3):  # one runs, one waits, one is refused
+            r.request(f"edgeagent/{d.device_id}/request", body, correlation=b"%d" % i)
+        errors = [doc["error"] for doc in (r.get()[1] for _ in range(3)) if "error" in doc]
+    assert [e["code"] for e in errors] == ["queue_full"]
+    assert 1 <= errors[0]["retry_after"] <= 60

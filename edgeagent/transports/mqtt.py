@@ -406,7 +406,7 @@ class MqttTransport:
         return self.client.publish(route.topic, payload, qos=1, properties=route.properties)
 
     def _reject(self, msg: mqtt.MQTTMessage, gen: int, route: Route | None, status: int,
-                code: str, message: str) -> None:
+                code: str, message: str, retry_after: int | None = None) -> None:
         self.stats[f"rejected_{code}"] += 1
         log.warning("mqtt request rejected", topic=msg.topic, code=code, error=message,
                     route=route.topic if route else None)
@@ -414,7 +414,7 @@ class MqttTransport:
             self.stats["no_route"] += 1
         else:
             self._publish(route, _error_doc(protocol.error_body(
-                message, protocol.error_type(status), code), status))
+                message, protocol.error_type(status), code), status, retry_after))
         self._ack(msg.mid, msg.qos, gen)
 
     def on_ready(self) -> None:
@@ -538,7 +538,8 @@ class MqttTransport:
         try:
             prepared = self.serving.prepare_chat(req)
         except AdmissionError as exc:
-            self._reject(msg, gen, route, exc.status, exc.code, exc.message)
+            self._reject(msg, gen, route, exc.status, exc.code, exc.message,
+                         exc.retry_after)
             return
         if route.request_id is not None:
             prepared.id = route.request_id
@@ -557,7 +558,8 @@ class MqttTransport:
         except AdmissionError as exc:
             with self._lock:
                 self._recent.pop(key, None)
-            self._reject(msg, gen, route, exc.status, exc.code, exc.message)
+            self._reject(msg, gen, route, exc.status, exc.code, exc.message,
+                         exc.retry_after)
 
     def _handle_cancel(self, msg: mqtt.MQTTMessage) -> None:
         try:
@@ -586,10 +588,13 @@ class MqttTransport:
             self._ack(mid, qos, gen)
 
 
-def _error_doc(body: dict[str, Any], status: int) -> dict[str, Any]:
-    """An error reply: OpenAI's error object with the HTTP status it stands for (MQTT has
-    no status line)."""
+def _error_doc(body: dict[str, Any], status: int,
+               retry_after: int | None = None) -> dict[str, Any]:
+    """An error reply: OpenAI's error object with the HTTP status it stands for and, for a
+    429 or 503 worth retrying, the seconds to wait (MQTT has no status line, no headers)."""
     body["error"]["status"] = status
+    if retry_after:
+        body["error"]["retry_after"] = retry_after
     return body
 
 
