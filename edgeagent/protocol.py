@@ -11,7 +11,7 @@ import json
 import time
 import uuid
 from collections.abc import Sequence as SequenceT
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -340,7 +340,8 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]] = supported(
-        ..., "a string; a list of one string; token ids; a list of one token-id list")
+        ..., "a string, strings, token ids, or lists of token ids; with several prompts, "
+        "choice i answers prompt i // n and prompts times n is at most the batch capacity")
     echo: bool = supported(False, "the prompt before the completion")
     logprobs: int | None = supported(None, LOGPROBS + "; the legacy shape (tokens, "
                                      "token_logprobs, top_logprobs, text_offset)", ge=0, le=5)
@@ -365,6 +366,15 @@ class Prepared:
     #: The engine generation that tokenized it: it runs on that engine or is refused.
     generation: int | None = None
     n: int = 1  # choices
+    #: A completions request with several prompts: each one's tokens and echo. Choice i
+    #: answers prompt i // (n / len(batch)), in OpenAI's order.
+    batch: list[tuple[Any, str]] = field(default_factory=list)
+
+    def prompt_of(self, index: int) -> tuple[Any, str]:
+        """The prompt tokens and echo of choice ``index``."""
+        if not self.batch:
+            return self.prompt_tokens, self.echo
+        return self.batch[index // (self.n // len(self.batch))]
 
 
 def to_job(p: Prepared, sink: Sink, transport: str, *, expiry_s: float | None = None,
@@ -377,8 +387,9 @@ def to_job(p: Prepared, sink: Sink, transport: str, *, expiry_s: float | None = 
         deadline = min(deadline, now + expiry_s)
     if unix_deadline is not None:
         deadline = min(deadline, now + (unix_deadline - time.time()))
+    rows = [p.prompt_of(i)[0] for i in range(p.n)] if p.batch else None
     return Job(p.prompt_tokens, p.sampling, sink, deadline, guidance=p.guidance,
-               transport=transport, generation=p.generation, n=p.n)
+               transport=transport, generation=p.generation, n=p.n, row_prompts=rows)
 
 
 # -------------------------------------------------------------- profiles
@@ -641,33 +652,43 @@ def prepare_completion(req: CompletionRequest, engine: Engine, settings: Setting
                        model_id: str, generation: int | None = None) -> Prepared:
     _check_common(req)
     profile = resolve_profile(req.model, settings, model_id)
-    tokens, text = _prompt(req.prompt, engine)
+    prompts = [(tokens, text if req.echo else "")
+               for tokens, text in _prompts(req.prompt, engine)]
+    # The longest prompt sizes the default max_tokens and the scheduler's length checks.
+    tokens = max((t for t, _ in prompts), key=len)
     sampling = _sampling(req, profile, len(tokens), settings, engine.plan.context_length)
     rid, created = _new("cmpl")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    n = req.n or 1
+    if len(prompts) == 1:
+        return Prepared(rid, req.model, created, tokens, sampling, None, False,
+                        include_usage, _deadline(settings), prompts[0][1], generation, n)
     return Prepared(rid, req.model, created, tokens, sampling, None, False, include_usage,
-                    _deadline(settings), text if req.echo else "", generation, req.n or 1)
+                    _deadline(settings), "", generation, n * len(prompts), prompts)
 
 
-def _prompt(prompt: str | list[str] | list[int] | list[list[int]], engine: Engine
-            ) -> tuple[Any, str]:
-    """A completion prompt's tokens and text, from any of OpenAI's four shapes."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        if not prompt:
-            raise InvalidRequest("prompt must not be empty", "prompt")
-        return engine.encode(prompt), prompt
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]], engine: Engine
+             ) -> list[tuple[Any, str]]:
+    """A completion request's prompts (tokens and text), from any of OpenAI's four shapes:
+    a string, strings, token ids, lists of token ids."""
     if not prompt:
         raise InvalidRequest("prompt must not be empty", "prompt")
-    if not all(isinstance(t, int) for t in prompt):
-        raise Unsupported(f"unsupported: prompt with {len(prompt)} prompts: send one per "
-                          "request", "prompt")
-    ids = [int(t) for t in prompt]  # type: ignore[arg-type]
+    if isinstance(prompt, str) or isinstance(prompt[0], int):
+        return [_one_prompt(prompt, engine, "prompt")]
+    return [_one_prompt(p, engine, f"prompt.{i}") for i, p in enumerate(prompt)]
+
+
+def _one_prompt(prompt: Any, engine: Engine, where: str) -> tuple[Any, str]:
+    """One prompt, a string or token ids: its tokens and its text."""
+    if not prompt:
+        raise InvalidRequest(f"{where} must not be empty", where)
+    if isinstance(prompt, str):
+        return engine.encode(prompt), prompt
+    ids = [int(t) for t in prompt]
     bad = [t for t in ids if not 0 <= t < engine.vocab_size]
     if bad:
-        raise InvalidRequest(f"prompt token {bad[0]} is outside the vocabulary "
-                             f"(0..{engine.vocab_size - 1})", "prompt")
+        raise InvalidRequest(f"{where}: token {bad[0]} is outside the vocabulary "
+                             f"(0..{engine.vocab_size - 1})", where)
     tokens = np.asarray(ids, dtype=np.int32)
     return tokens, str(engine.tokenizer.decode(tokens))
 
@@ -702,8 +723,10 @@ def validation_message(errors: SequenceT[Any]) -> tuple[str, str | None]:
 
 def render_completion(p: Prepared, text: str, fin: Finish, chat: bool) -> dict[str, Any]:
     """The whole answer; ValueError or KeyError when a guided output does not parse."""
-    render = chat_completion if chat else text_completion
-    return render(p, text, fin.reason, fin.prompt_tokens, fin.completion_tokens)
+    if chat:
+        return chat_completion(p, text, fin.reason, fin.prompt_tokens, fin.completion_tokens)
+    return text_completion(p, p.prompt_of(fin.index)[1] + text, fin.reason,
+                           fin.prompt_tokens, fin.completion_tokens)
 
 
 class Choice:
@@ -741,13 +764,15 @@ class Choices:
     def offset(self, index: int) -> int:
         """Where choice ``index``'s next token starts in its text (echo included), counted
         in the tokens' own texts, as text_offset counts them."""
-        return len(self.p.echo) + sum(len(lp.chosen.token) for lp in self.rows[index].logprobs)
+        return len(self.p.prompt_of(index)[1]) + sum(len(lp.chosen.token)
+                                                     for lp in self.rows[index].logprobs)
 
     def usage(self) -> dict[str, int]:
         """The prompt once, the completions of every choice (as OpenAI counts n)."""
         fins = [row.finish for row in self.rows if row.finish is not None]
-        return usage(fins[0].prompt_tokens if fins else 0,
-                     sum(f.completion_tokens for f in fins))
+        prompt = (sum(len(t) for t, _ in self.p.batch) if self.p.batch
+                  else fins[0].prompt_tokens if fins else 0)
+        return usage(prompt, sum(f.completion_tokens for f in fins))
 
 
 def _token(t: TokenLogprob) -> dict[str, Any]:
@@ -783,7 +808,8 @@ def answer(p: Prepared, choices: Choices, chat: bool) -> dict[str, Any] | JobErr
         except (ValueError, KeyError) as exc:
             return JobError(500, "guidance_error", f"the guided output did not parse: {exc}")
         docs.append(dict(doc["choices"][0], index=index,
-                         logprobs=render_logprobs(p, row.logprobs, chat, len(p.echo))))
+                         logprobs=render_logprobs(p, row.logprobs, chat,
+                                                  len(p.prompt_of(index)[1]))))
     return dict(doc, choices=docs, usage=choices.usage())
 
 
@@ -792,7 +818,8 @@ def first_chunks(p: Prepared, chat: bool) -> list[dict[str, Any]]:
     if chat:
         return [chat_chunk(p, {"role": "assistant", "content": ""}, None, i)
                 for i in range(p.n)]
-    return [text_chunk(p, p.echo, None, i) for i in range(p.n)] if p.echo else []
+    echoes = [p.prompt_of(i)[1] for i in range(p.n)]
+    return [text_chunk(p, echo, None, i) for i, echo in enumerate(echoes) if echo]
 
 
 def delta_chunk(p: Prepared, text: str, chat: bool, index: int = 0,
@@ -898,7 +925,7 @@ def text_completion(p: Prepared, text: str, reason: str, prompt_tokens: int,
                     completion_tokens: int) -> dict[str, Any]:
     return {
         "id": p.id, "object": "text_completion", "created": p.created, "model": p.model,
-        "choices": [{"index": 0, "text": p.echo + text, "finish_reason": finish_reason(reason),
+        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason(reason),
                      "logprobs": None}],
         "usage": usage(prompt_tokens, completion_tokens),
     }

@@ -113,6 +113,9 @@ class Job:
     generation: int | None = None
     #: Choices: sequences started together from the one prompt.
     n: int = 1
+    #: A completions request with several prompts: each row's own (``prompt_tokens`` is
+    #: then the longest, for the length checks).
+    row_prompts: list[np.ndarray] | None = None
     #: A JobError went to the sink: the job's other rows end without a word.
     failed: bool = False
 
@@ -434,8 +437,10 @@ class Scheduler:
         """Hand a job's rows to the engine (cheap: the engine only queues them), one after
         the other so that they share a batch; under the lock."""
         try:
-            seqs = [self._engine.start(job.prompt_tokens, row_sampling(job.sampling, i),
-                                       job.guidance) for i in range(job.n)]
+            seqs = [self._engine.start(job.prompt_tokens if job.row_prompts is None
+                                       else job.row_prompts[i],
+                                       row_sampling(job.sampling, i), job.guidance)
+                    for i in range(job.n)]
         except Exception as exc:  # the same prompt for every row: the first one fails
             log.warning("job refused by the engine", job=job.id, error=str(exc))
             self.stats.errors["engine"] += 1

@@ -220,6 +220,32 @@ def test_completions_prompt_shapes_give_the_same_answer(oai: openai.OpenAI,
         assert got.choices[0].text == echoed, shape
 
 
+def test_completions_several_prompts_answer_each_in_order(oai: openai.OpenAI,
+                                                         http: httpx.Client) -> None:
+    """A list of prompts (strings or token-id lists) with n: choice i answers prompt
+    i // n, each as it would alone; usage counts every prompt; a stream carries each
+    choice's index."""
+    prompts = ["The days of the week are Monday,", "1, 2, 3,"]
+    alone = [oai.completions.create(model="edgeagent", prompt=p, max_tokens=5, temperature=0,
+                                    echo=True).choices[0].text for p in prompts]
+    both = oai.completions.create(model="edgeagent", prompt=prompts, max_tokens=5,
+                                  temperature=0, echo=True, n=2)
+    assert [(c.index, c.text) for c in both.choices] == [
+        (0, alone[0]), (1, alone[0]), (2, alone[1]), (3, alone[1])]
+    ids = [_tokens(http, p) for p in prompts]
+    assert both.usage is not None and both.usage.prompt_tokens == sum(map(len, ids))
+    by_ids = oai.completions.create(model="edgeagent", prompt=ids, max_tokens=5,
+                                    temperature=0, echo=True)
+    assert [c.text for c in by_ids.choices] == alone
+
+    streamed = ["", ""]
+    for chunk in oai.completions.create(model="edgeagent", prompt=prompts, max_tokens=5,
+                                        temperature=0, echo=True, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == alone
+
+
 def _tokens(http: httpx.Client, prompt: str) -> list[int]:
     """The prompt's token ids by the daemon's own tokenizer (onnxruntime-genai's, over the
     model folder /health names)."""
