@@ -9,10 +9,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 
+from edgeagent.testing.broker import Broker, requester
 from edgeagent.testing.daemon import DaemonProc, launch_daemon, reap, uds_client
 
 pytestmark = pytest.mark.model
@@ -201,3 +203,35 @@ def test_n_above_the_batch_capacity_is_refused(oai: openai.OpenAI) -> None:
         oai.chat.completions.create(model="edgeagent", messages=USER,  # type: ignore[arg-type]
                                     max_tokens=4, n=CAPACITY + 1)
     assert err.value.body["param"] == "n"  # type: ignore[index]
+
+
+# ------------------------------------------------------------------ over MQTT
+def test_mqtt_answers_n_choices_with_logprobs(start_daemon: Any, broker: Broker) -> None:
+    d = start_daemon(extra_toml=f'[runtime]\nmax_batch = {CAPACITY}\n'
+                                f'[mqtt]\nurl = "{broker.url}"\n', name="m")
+    d.wait_ready()
+    topic = "edgeagent/test-m/request"
+    body = {"messages": USER, "max_tokens": 6, "temperature": 0.8, "seed": 5, "n": 2,
+            "logprobs": True, "top_logprobs": 2}
+    with requester(broker) as r:
+        r.request(topic, body)
+        _, doc, _ = r.get()
+        assert [c["index"] for c in doc["choices"]] == [0, 1], doc
+        for c in doc["choices"]:
+            entries = c["logprobs"]["content"]
+            assert "".join(e["token"] for e in entries) == c["message"]["content"]
+            assert all(len(e["top_logprobs"]) == 2 for e in entries)
+        r.request(topic, {**body, "stream": True}, correlation=b"c2")
+        texts = {0: "", 1: ""}
+        ends = set()
+        while True:  # the usage comes with the last choice's last chunk
+            _, chunk, _ = r.get()
+            for c in chunk["choices"]:
+                texts[c["index"]] += c["delta"].get("content") or ""
+                if c["finish_reason"]:
+                    ends.add(c["index"])
+            if "usage" in chunk:
+                break
+        assert ends == {0, 1}
+        assert [texts[0], texts[1]] == [c["message"]["content"] for c in doc["choices"]]
+        assert chunk["usage"] == doc["usage"]
