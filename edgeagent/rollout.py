@@ -82,6 +82,7 @@ def record_path(state_dir: Path) -> Path:
 
 def record(state_dir: Path, layer: str, payload: bytes) -> None:
     """Remember the push being rolled out, so that a restart resumes it."""
+    state_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(record_path(state_dir), {"layer": layer, "payload": payload.decode()})
 
 
@@ -126,8 +127,8 @@ class Meter:
         eta = round((size - done) * elapsed / fetched, 1) if fetched > 0 and elapsed > 0 \
             else None
         self.latest = {"bytes": done, "size": size, "percent": percent, "eta_s": eta}
-        if (done == size or now - self._last[0] >= PROGRESS_PERIOD_S
-                or percent - self._last[1] >= PROGRESS_STEP):
+        if percent != self._last[1] and (done == size or percent - self._last[1] >= PROGRESS_STEP
+                                         or now - self._last[0] >= PROGRESS_PERIOD_S):
             self._last = (now, percent)
             self.report(self.latest)
 

@@ -1,0 +1,204 @@
+"""Fleet model rollout end to end: a packed copy of the default model served by a local HTTP
+server with Range support, a real Mosquitto, the daemon as a subprocess, config push."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgeagent.artifact import ArtifactInfo, pack
+from edgeagent.testing.artifact_server import ArtifactServer, serve_artifact
+from tests.broker import Broker, Requester
+from tests.conftest import REPO, DaemonProc
+
+pytestmark = [pytest.mark.model, pytest.mark.broker]
+
+DESIRED = "edgeagent/test-d/config/desired"
+REPORTED = "edgeagent/test-d/config/reported"
+NEW_NAME = "smollm2-v2"
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory, default_model: Path) -> ArtifactInfo:
+    """The default model's weights under another name, packed once for the module."""
+    work = tmp_path_factory.mktemp("artifact")
+    folder = work / NEW_NAME
+    shutil.copytree(default_model, folder, copy_function=os.link)  # same bytes, no copy
+    return pack(folder, work / f"{NEW_NAME}.tar.gz")
+
+
+@pytest.fixture
+def server(artifact: ArtifactInfo) -> Iterator[ArtifactServer]:
+    with serve_artifact(artifact.path) as served:
+        yield served
+
+
+def _start(start_daemon: Any, broker: Broker, fleet: str = "", canary: str = "") -> DaemonProc:
+    # No speed check: the canary shares two cores with the test's own traffic.
+    d: DaemonProc = start_daemon(extra_toml=(
+        f'[mqtt]\nurl = "{broker.url}"\n[fleet]\n{fleet}\n[fleet.canary]\n'
+        f"min_relative_speed = 0.0\n{canary}"))
+    d.wait_ready()
+    return d
+
+
+def _push_doc(artifact: ArtifactInfo, url: str,
+              model: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"version": 1, "target": {"device": "test-d"}, "settings": {},
+            "model": {"url": url, "sha256": artifact.sha256, "size": artifact.size,
+                      "name": NEW_NAME, **(model or {})}}
+
+
+def _reports(broker: Broker) -> Requester:
+    r = Requester(broker)
+    r.subscribe(REPORTED)
+    return r
+
+
+def _outcome(r: Requester, version: int, timeout: float = 240) -> tuple[dict[str, Any],
+                                                                          list[dict[str, Any]]]:
+    """The report ending push ``version``, and the progress reports before it."""
+    progress: list[dict[str, Any]] = []
+    while True:
+        topic, report, _ = r.get(timeout)
+        if topic != REPORTED or report.get("version") != version:
+            continue
+        if report["status"] in ("applied", "rejected", "stale", "rolled_back"):
+            return report, progress
+        progress.append(report)
+
+
+def _outcome_or_progress(r: Requester, timeout: float = 120) -> tuple[str, dict[str, Any]]:
+    while True:
+        topic, report, _ = r.get(timeout)
+        if topic == REPORTED:
+            return report["status"], report
+
+
+def _model_path(d: DaemonProc) -> str:
+    with d.client() as c:
+        return str(c.get("/health").json()["model"]["path"])
+
+
+def _ask(d: DaemonProc) -> int:
+    with d.client() as c:
+        return c.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}).status_code
+
+
+def _left_behind(d: DaemonProc) -> list[str]:
+    """What a rollout left in the state directory: model folders, downloads, its record."""
+    state = Path(d.config.parent / "d-state")
+    models = state / "models"
+    out = [p.name for p in models.iterdir()] if models.exists() else []
+    out += [f"downloads/{p.name}" for p in (state / "downloads").glob("*")]
+    return out + (["rollout.json"] if (state / "rollout.json").exists() else [])
+
+
+def test_rollout_applies_while_serving_and_watch_shows_it(
+        start_daemon: Any, broker: Broker, artifact: ArtifactInfo,
+        server: ArtifactServer, tmp_path: Path) -> None:
+    # Rate-limited (about 50 MB/s) so that the download reports progress on the way.
+    d = _start(start_daemon, broker, "download_rate_kbps = 400000")
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def traffic() -> None:  # requests all along: none may fail during the rollout
+        while not stop.is_set():
+            statuses.append(_ask(d))
+
+    load = threading.Thread(target=traffic)
+    load.start()
+    push = tmp_path / "push.json"
+    doc = _push_doc(artifact, server.url)
+    del doc["target"]  # config push fills it in
+    push.write_text(json.dumps(doc))
+    try:
+        res = subprocess.run(
+            [sys.executable, "-m", "edgeagent", "config", "push", "--mqtt", broker.url,
+             "--device", "test-d", "--watch", "--timeout", "240", str(push)],
+            capture_output=True, text=True, timeout=300, cwd=REPO)
+    finally:
+        stop.set()
+        load.join(120)
+    assert res.returncode == 0, res.stdout + res.stderr + d.logs()
+    final = res.stdout.split("final:")[1].split()
+    assert final[:3] == ["test-d", "applied", "100.0"], res.stdout
+    assert re.search(r"test-d\s+downloading\s+\d", res.stdout), res.stdout
+    assert _model_path(d).endswith(f"/models/{NEW_NAME}")
+    assert statuses and set(statuses) == {200}, statuses
+    assert _ask(d) == 200
+    assert server.sent == artifact.size, "one download, no restart"
+    assert _left_behind(d) == [NEW_NAME], "the archive and the record are gone"
+
+
+@pytest.mark.parametrize("case", ["wrong_sha256", "canary_fails"])
+def test_bad_rollout_keeps_the_old_model(start_daemon: Any, broker: Broker,
+                                         artifact: ArtifactInfo,
+                                         server: ArtifactServer, case: str) -> None:
+    # A regex no answer of this model matches: the canary must refuse it.
+    canary = ('[[fleet.canary.prompts]]\nprompt = "Say hello."\nregex = "^NEVER-[0-9]{40}$"\n'
+              if case == "canary_fails" else "")
+    d = _start(start_daemon, broker, canary=canary)
+    old = _model_path(d)
+    r = _reports(broker)
+    try:
+        doc = _push_doc(artifact, server.url,
+                        {"sha256": "0" * 64} if case == "wrong_sha256" else None)
+        r.publish(DESIRED, json.dumps(doc), response=False, retain=True)
+        report, _ = _outcome(r, 1)
+    finally:
+        r.close()
+    if case == "wrong_sha256":
+        assert report["status"] == "rejected", report
+        assert report["errors"][0].startswith("(artifact):") and "sha256" in \
+            report["errors"][0], report
+    else:
+        assert report["status"] == "rolled_back", report
+        assert report["errors"][0].startswith("(canary): prompt 0:"), report
+    assert _model_path(d) == old
+    assert _ask(d) == 200
+    assert _left_behind(d) == [], "no folder, archive or record left behind"
+
+
+def test_killed_mid_download_boots_with_the_old_model_and_resumes(
+        start_daemon: Any, broker: Broker, artifact: ArtifactInfo,
+        server: ArtifactServer) -> None:
+    server.drop_after = artifact.size * 3 // 4  # after the restart, the link drops too
+    # About 7 s for the whole download: time to kill it midway, and to ask the restarted
+    # daemon which model serves before the rest is in.
+    d = _start(start_daemon, broker, "download_rate_kbps = 100000")
+    old = _model_path(d)
+    r = _reports(broker)
+    try:
+        r.publish(DESIRED, json.dumps(_push_doc(artifact, server.url)), response=False,
+                  retain=True)
+        while True:
+            status, report = _outcome_or_progress(r)
+            assert status == "downloading", report
+            if report["progress"]["percent"] >= 25:
+                break
+        d.proc.kill()  # a power cut mid-download
+        d.proc.wait(30)
+        killed_at = server.sent
+        again = _start(start_daemon, broker, "download_rate_kbps = 100000")  # same state
+        assert _model_path(again) == old, "the last good model serves meanwhile"
+        assert _ask(again) == 200
+        report, _ = _outcome(r, 1)
+    finally:
+        r.close()
+    assert report["status"] == "applied", report | {"log": again.logs()[-3000:]}
+    assert _model_path(again).endswith(f"/models/{NEW_NAME}")
+    assert killed_at < artifact.size
+    resumed = [int(h.split("=")[1].rstrip("-")) for h in server.ranges if h]
+    assert server.ranges[0] is None and len(resumed) == 2 and 0 < resumed[0] < resumed[1], \
+        f"each resumption asks for the rest (Range), not from zero: {server.ranges}"
+    assert server.sent < artifact.size * 1.5, "resumed, not downloaded again"
