@@ -88,9 +88,12 @@ def test_the_plain_run_is_the_same_pipeline(default_model: Path, tmp_path: Path)
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert "socket 2 clients aggregate tok/s" in res.stdout
+    # Logprobs and penalties: decode unused vs used, measured in the same run.
+    for row in ("unused", "logprobs (top 5)", "penalties", "logprobs + penalties"):
+        assert f"decode tok/s, {row}" in res.stdout
     doc = json.loads(out.read_text())
     assert {"raw", "engine", "socket", "prompt_lengths", "concurrency", "daemon",
-            "rows"} <= doc.keys()
+            "rows", "features"} <= doc.keys()
     assert "mqtt" not in doc
     assert [e["prompt_tokens_target"] for e in doc["prompt_lengths"]["socket"]] == [32]
     assert [e["clients"] for e in doc["concurrency"]["socket"]] == [2]
