@@ -8,6 +8,7 @@ MQTT; both transports use it, so both accept exactly the same requests and profi
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Sequence as SequenceT
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edgeagent.engine import (
@@ -512,13 +514,48 @@ def parse_tool_envelope(text: str) -> tuple[str | None, list[dict[str, Any]] | N
     """(content, tool_calls in OpenAI's shape) from the guided envelope."""
     doc = json.loads(text)
     if "tool_calls" in doc:
-        calls = [
-            {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
-            for c in doc["tool_calls"]
-        ]
-        return None, calls
+        return None, _openai_calls(doc["tool_calls"])
     return str(doc.get("content", "")), None
+
+
+def _openai_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
+            for c in calls]
+
+
+_CALLS_HEAD = re.compile(r'\{\s*"tool_calls"\s*:\s*\[\s*')
+_CALLS_SEP = re.compile(r"\s*,\s*")
+_CONTENT_HEAD = re.compile(r'\{\s*"content"\s*:\s*"')
+
+
+def cut_tool_envelope(text: str, reason: str) -> tuple[str | None,
+                                                      list[dict[str, Any]] | None, str | None]:
+    """(content, tool_calls, explanation) from an envelope cut short (``reason``: length or
+    cancelled), so that the client never sees our envelope: the calls written whole (the
+    one being written is dropped), or the text answered so far; the explanation says what
+    was dropped."""
+    cause = "max_tokens" if reason == "length" else "a cancel"
+    head = _CALLS_HEAD.match(text)
+    if head is not None:
+        calls: list[dict[str, Any]] = []
+        decoder, pos = json.JSONDecoder(), head.end()
+        while True:
+            try:
+                call, pos = decoder.raw_decode(text, pos)
+            except ValueError:  # the call being written when the answer ended
+                return ("" if not calls else None, _openai_calls(calls) or None,
+                        f"{cause} ended the answer while it wrote a tool call: {len(calls)} "
+                        "complete call(s) returned, the unfinished one dropped")
+            calls.append(call)
+            comma = _CALLS_SEP.match(text, pos)
+            if comma is None:  # the list is closed: every call is whole
+                return None, _openai_calls(calls), None
+            pos = comma.end()
+    if _CONTENT_HEAD.match(text):
+        doc = pydantic_core.from_json(text, allow_partial="trailing-strings")
+        return str(doc.get("content", "")), None, None  # cut text, as any answer "length"
+    return "", None, f"{cause} ended the answer before it said whether it calls a tool"
 
 
 # -------------------------------------------------------------- preparing
@@ -874,6 +911,8 @@ def final_chunks(p: Prepared, fin: Finish, held: list[str], chat: bool,
     elif fin.tail:
         out.append(delta_chunk(p, fin.tail, chat, index))
     out.append(chat_chunk(p, {}, reason, index) if chat else text_chunk(p, "", reason, index))
+    if p.tool_mode and "explanation" in doc["choices"][0]:
+        out[-1]["choices"][0]["explanation"] = doc["choices"][0]["explanation"]
     if p.include_usage and (choices is None or choices.done):
         totals = choices.usage() if choices is not None else usage(fin.prompt_tokens,
                                                                    fin.completion_tokens)
@@ -890,16 +929,26 @@ def chat_completion(p: Prepared, text: str, reason: str, prompt_tokens: int,
                     completion_tokens: int) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text}
     finish = finish_reason(reason)
-    if p.tool_mode and reason == "stop":
-        content, calls = parse_tool_envelope(text)
+    choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish,
+                              "logprobs": None}
+    if p.tool_mode:
+        # Whole, the envelope is parsed; cut short (length, a cancel), what it holds.
+        explanation = None
+        if reason == "stop":
+            content, calls = parse_tool_envelope(text)
+        else:
+            content, calls, explanation = cut_tool_envelope(text, reason)
         message = {"role": "assistant", "content": content}
         if calls:
             message["tool_calls"] = calls
-            finish = "tool_calls"
+        if calls and reason == "stop":
+            choice["finish_reason"] = "tool_calls"
+        choice["message"] = message
+        if explanation is not None:
+            choice["explanation"] = explanation  # an extension: why nothing or less
     return {
         "id": p.id, "object": "chat.completion", "created": p.created, "model": p.model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish,
-                     "logprobs": None}],
+        "choices": [choice],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
