@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from edgeagent.artifact import ArtifactInfo, pack
+from edgeagent.rollout import collect_garbage
 from edgeagent.testing.artifact_server import ArtifactServer, serve_artifact
 from tests.broker import Broker, Requester
 from tests.conftest import REPO, DaemonProc
@@ -140,7 +141,7 @@ def test_rollout_applies_while_serving_and_watch_shows_it(
     assert _left_behind(d) == [NEW_NAME], "the archive and the record are gone"
 
 
-@pytest.mark.parametrize("case", ["wrong_sha256", "canary_fails"])
+@pytest.mark.parametrize("case", ["wrong_sha256", "plan_does_not_fit", "canary_fails"])
 def test_bad_rollout_keeps_the_old_model(start_daemon: Any, broker: Broker,
                                          artifact: ArtifactInfo,
                                          server: ArtifactServer, case: str) -> None:
@@ -153,6 +154,8 @@ def test_bad_rollout_keeps_the_old_model(start_daemon: Any, broker: Broker,
     try:
         doc = _push_doc(artifact, server.url,
                         {"sha256": "0" * 64} if case == "wrong_sha256" else None)
+        if case == "plan_does_not_fit":  # more threads than this machine has CPUs
+            doc["settings"] = {"runtime": {"threads": (os.cpu_count() or 1) + 64}}
         r.publish(DESIRED, json.dumps(doc), response=False, retain=True)
         report, _ = _outcome(r, 1)
     finally:
@@ -161,6 +164,9 @@ def test_bad_rollout_keeps_the_old_model(start_daemon: Any, broker: Broker,
         assert report["status"] == "rejected", report
         assert report["errors"][0].startswith("(artifact):") and "sha256" in \
             report["errors"][0], report
+    elif case == "plan_does_not_fit":
+        assert report["status"] == "rejected", report
+        assert report["errors"][0].startswith("(plan):"), report
     else:
         assert report["status"] == "rolled_back", report
         assert report["errors"][0].startswith("(canary): prompt 0:"), report
@@ -202,3 +208,15 @@ def test_killed_mid_download_boots_with_the_old_model_and_resumes(
     assert server.ranges[0] is None and len(resumed) == 2 and 0 < resumed[0] < resumed[1], \
         f"each resumption asks for the rest (Range), not from zero: {server.ranges}"
     assert server.sent < artifact.size * 1.5, "resumed, not downloaded again"
+
+
+def test_collect_garbage_keeps_the_serving_and_the_most_recent(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    for age, name in enumerate(["newest", "serving", "older", "oldest"]):
+        (models / name).mkdir(parents=True)
+        os.utime(models / name, (1e9 - age * 1000, 1e9 - age * 1000))
+    (models / ".unpack-leftover").mkdir()
+    gone = collect_garbage(models, 2, models / "serving")
+    assert sorted(p.name for p in gone) == ["older", "oldest"]
+    assert sorted(p.name for p in models.iterdir()) == [".unpack-leftover", "newest", "serving"]
+    assert collect_garbage(models, 1, models / "serving") == [models / "newest"]
