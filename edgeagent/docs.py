@@ -8,14 +8,6 @@ from typing import Any
 
 from pydantic.fields import FieldInfo
 
-from edgeagent.protocol import (
-    NEUTRAL,
-    SUPPORT,
-    WHY,
-    ChatCompletionRequest,
-    CompletionRequest,
-    support_of,
-)
 from edgeagent.settings import leaf_fields, liveness
 
 
@@ -63,6 +55,8 @@ def settings_reference() -> str:
 
 
 def _support_row(name: str, info: FieldInfo) -> str:
+    from edgeagent.protocol import NEUTRAL, SUPPORT, WHY, support_of
+
     note = support_of(info)
     kind, why = note.get(SUPPORT, "?"), note.get(WHY, "")
     if kind == "refused":
@@ -74,7 +68,10 @@ def _support_row(name: str, info: FieldInfo) -> str:
 
 def openai_compat() -> str:
     """docs/openai-compat.md: every request field of chat and text completions and what the
-    daemon does with it, from the request models' support notes."""
+    daemon does with it, from the request models' support notes. (The request models load
+    the model runtime: imported here, so that ``config reference`` does not.)"""
+    from edgeagent.protocol import ChatCompletionRequest, CompletionRequest
+
     lines = [
         "# OpenAI compatibility",
         "",

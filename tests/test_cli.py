@@ -65,13 +65,14 @@ def test_clients_do_not_load_the_model_runtime(tmp_path: Path) -> None:
                         "--group", "line-1", push],
         "doctor": ["-m", "edgeagent", "doctor", "--config", str(config)],
         "ask --mqtt": ["-m", "edgeagent", "ask", "--mqtt", closed, "--device", "gw", "Hi"],
+        "config reference": ["-m", "edgeagent", "config", "reference"],
     }
     loading = []
     for name, args in runs.items():
         res = _run("-X", "importtime", *args)
         modules = _imported(res.stderr)
         assert "edgeagent.cli" in modules, (name, res.stderr[-2000:])
-        if name not in ("import edgeagent.cli", "config push --help"):
+        if name not in ("import edgeagent.cli", "config push --help", "config reference"):
             assert "paho.mqtt.client" in modules, f"{name} did not reach the broker code"
         if "onnxruntime_genai" in modules:
             loading.append(name)

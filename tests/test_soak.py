@@ -25,7 +25,7 @@ def test_short_soak(default_model: Path) -> None:
         capture_output=True, text=True, timeout=400, cwd=REPO)
     report = json.loads(res.stdout[res.stdout.index("{"):])
     assert res.returncode == 0, report
-    assert report["total"] > 500
+    assert report["total"] > 200  # enough for a trend; ~2,000 on a quiet 2-core host
     assert report["rss_growth_after_warmup_mb"] < 8
     assert report["fd_growth"] <= 2
     assert report["active_sequences_at_end"] == 0
