@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import structlog
 
 from edgeagent import log as logsetup
-from edgeagent import rollout
+from edgeagent.canary import check as check_canary
 from edgeagent.engine import Engine
 from edgeagent.fleet import Fleet
 from edgeagent.manifest import ModelIntegrityError, verify_model
@@ -321,7 +321,7 @@ class Daemon:
         model's recent decode speed."""
         baseline = (self.serving.status().get("serving") or {}).get("decode_tokens_per_s")
         try:
-            return rollout.canary(engine, new.fleet.canary, baseline)
+            return check_canary(engine, new.fleet.canary, baseline)
         except Exception as exc:  # a model that cannot even answer is a failed canary
             return f"{type(exc).__name__}: {exc}"
 

@@ -10,6 +10,11 @@ everything but the signature; a push that changes the plan is planned before any
 changes. It is then persisted atomically as the overlay in ``state_dir`` and applied; a
 model that fails to load rolls back to the last good overlay. The outcome is reported,
 retained, on ``{prefix}/{device}/config/reported``.
+
+A push may also name a model artifact, ``"model": {"url", "sha256", "size", "name"}``: it is
+delivered in the background (``rollout.deliver``, with ``downloading`` progress reports),
+then planned, activated with a canary (the root's ``apply(settings, canary=True)``) and
+applied like any other push; a restart resumes it.
 """
 
 from __future__ import annotations
