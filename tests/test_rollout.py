@@ -17,7 +17,10 @@ from typing import Any
 import pytest
 
 from edgeagent.artifact import ArtifactInfo, pack
+from edgeagent.canary import check as check_canary
+from edgeagent.engine import Delta, Finish, Sampling
 from edgeagent.rollout import collect_garbage
+from edgeagent.settings import CanarySettings
 from edgeagent.testing.artifact_server import ArtifactServer, serve_artifact
 from tests.broker import Broker, Requester
 from tests.conftest import REPO, DaemonProc
@@ -220,3 +223,34 @@ def test_collect_garbage_keeps_the_serving_and_the_most_recent(tmp_path: Path) -
     assert sorted(p.name for p in gone) == ["older", "oldest"]
     assert sorted(p.name for p in models.iterdir()) == [".unpack-leftover", "newest", "serving"]
     assert collect_garbage(models, 1, models / "serving") == [models / "newest"]
+
+
+class _Answers:
+    """An engine's text side that answers every prompt with ``text``, token by token."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def chat_tokens(self, messages: list[dict[str, Any]]) -> list[int]:
+        return [1, 2, 3]
+
+    def generate(self, tokens: Any, sampling: Sampling,
+                 guidance: tuple[str, str] | None = None) -> Iterator[Delta | Finish]:
+        for i, char in enumerate(self.text):
+            yield Delta(i, char)
+        yield Finish("stop", len(tokens), len(self.text))
+
+
+def test_canary_checks_answers_and_speed() -> None:
+    prompts = CanarySettings(prompts=[
+        {"prompt": "Say hello.", "regex": "hello"},
+        {"prompt": "Status?", "json_schema": {"type": "object"}}], min_relative_speed=0.5)
+    engine: Any = _Answers('{"hello": 1}')
+    assert check_canary(engine, prompts, None) is None
+    assert check_canary(engine, prompts, 1.0) is None, "far faster than 1 token/s"
+    slow = check_canary(engine, prompts, 1e15)
+    assert slow is not None and slow.startswith("decode speed"), slow
+    wrong = check_canary(_Answers('{"bye": 1'), prompts, None)  # type: ignore[arg-type]
+    assert wrong is not None and wrong.startswith("prompt 0: the answer"), wrong
+    cut = check_canary(_Answers('{"hello": 1'), prompts, None)  # type: ignore[arg-type]
+    assert cut is not None and cut.startswith("prompt 1:") and "not complete JSON" in cut
