@@ -354,14 +354,15 @@ class Fleet:
         into a verified folder, planned, activated with a canary and applied; that second
         pass ends the rollout, whatever its outcome."""
         state_dir = self.settings().state_dir
+        current = self._rollout
         try:
             report = await self._decide(layer, payload, delivered)
         except Exception:
             if delivered is not None:
-                await self._end_rollout("rejected", delivered)
+                await self._end_rollout("rejected", delivered, current)
             raise
         if delivered is not None:
-            await self._end_rollout(report["status"] if report else None, delivered)
+            await self._end_rollout(report["status"] if report else None, delivered, current)
         elif (report is not None and report["status"] in OUTCOMES
               and rollout.recorded(state_dir) == (layer, payload)):
             await asyncio.to_thread(rollout.forget, state_dir)  # resumed, and over at once
@@ -382,6 +383,9 @@ class Fleet:
             if delivered is None and self._rollout is not None \
                     and self._rollout.key == (layer, version):
                 return None  # already rolling out (the broker delivered the push again)
+            if delivered is None and rollout.was_refused(settings.state_dir, ref.sha256,
+                                                         version):
+                return None  # refused before: its report stands, no second download
             patch = merge_patch(patch, {"model": {"path": str(settings.models_dir / ref.name)}})
         current = self._overlay_doc()
         layers: dict[str, Any] = dict(current.get("layers") or {})
@@ -501,15 +505,19 @@ class Fleet:
                           "delivered again or the daemon restarts")
             self._rollout = None
         else:
-            await self._end_rollout("rejected", None)
+            await self._end_rollout("rejected", None, current)
         self._report(layer, {"version": version, "status": "rejected", "errors": errors})
 
-    async def _end_rollout(self, status: str | None, delivered: Path | None) -> None:
+    async def _end_rollout(self, status: str | None, delivered: Path | None,
+                           current: _Rollout | None) -> None:
         """A rollout's outcome: drop its record and archive; keep its folder only once it
-        serves, then keep fleet.keep_models folders."""
+        serves, then keep fleet.keep_models folders. A refused artifact is remembered."""
         settings = self.settings()
         self._rollout = None
         await asyncio.to_thread(rollout.forget, settings.state_dir)
+        if status in ("rejected", "rolled_back") and current is not None:
+            await asyncio.to_thread(rollout.remember_refused, settings.state_dir,
+                                    current.ref.sha256, current.key[1])
         if status == "applied":
             await asyncio.to_thread(rollout.collect_garbage, settings.models_dir,
                                     settings.fleet.keep_models, settings.model_path)

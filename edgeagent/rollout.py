@@ -36,6 +36,10 @@ MAX_EXPANSION = 4
 #: the ``.part`` file, waiting 1, 2, 4, 8 s in between.
 ATTEMPTS = 5
 RECORD_FILE = "rollout.json"
+#: Artifacts refused here (sha256, version), so that the push delivered again (retained:
+#: at every reconnect and start) is not downloaded again; the latest REFUSED_KEEP stay.
+REFUSED_FILE = "rollout-refused.json"
+REFUSED_KEEP = 32
 DOWNLOADS = "downloads"
 #: Progress reports at most this often, or at each PROGRESS_STEP percent: enough for a
 #: live table, few enough for a thin uplink.
@@ -98,6 +102,25 @@ def forget(state_dir: Path) -> None:
     so what else is there was superseded)."""
     record_path(state_dir).unlink(missing_ok=True)
     shutil.rmtree(state_dir / DOWNLOADS, ignore_errors=True)
+
+
+def remember_refused(state_dir: Path, sha256: str, version: int) -> None:
+    """The artifact of push ``version`` was rejected or rolled back on this gateway."""
+    entries = [e for e in _refused(state_dir) if e != [sha256, version]] + [[sha256, version]]
+    state_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(state_dir / REFUSED_FILE, {"refused": entries[-REFUSED_KEEP:]})
+
+
+def was_refused(state_dir: Path, sha256: str, version: int) -> bool:
+    return [sha256, version] in _refused(state_dir)
+
+
+def _refused(state_dir: Path) -> list[list[Any]]:
+    try:
+        entries = json.loads((state_dir / REFUSED_FILE).read_text(encoding="utf-8"))["refused"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [e for e in entries if isinstance(e, list)] if isinstance(entries, list) else []
 
 
 # ------------------------------------------------------------ delivery

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -254,3 +255,47 @@ def test_canary_checks_answers_and_speed() -> None:
     assert wrong is not None and wrong.startswith("prompt 0: the answer"), wrong
     cut = check_canary(_Answers('{"hello": 1'), prompts, None)  # type: ignore[arg-type]
     assert cut is not None and cut.startswith("prompt 1:") and "not complete JSON" in cut
+
+
+def _ignored(d: DaemonProc) -> float:
+    """Pushes the daemon handled without a report (the same push delivered again)."""
+    with d.client() as c:
+        text = c.get("/metrics").text
+    found = re.search(r"^edgeagent_fleet_ignored_total (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def _wait_ignored(d: DaemonProc, at_least: float, timeout: float = 60) -> None:
+    """Until the daemon counted ``at_least`` pushes it ignored (bounded)."""
+    deadline = time.monotonic() + timeout
+    while _ignored(d) < at_least:
+        assert time.monotonic() < deadline, "the push delivered again was not ignored: " + \
+            d.logs()[-3000:]
+        d.proc.poll()
+        time.sleep(0.2)  # polling a counter the daemon exposes, with a deadline
+
+
+def test_refused_artifact_is_not_downloaded_again(start_daemon: Any, broker: Broker,
+                                                  artifact: ArtifactInfo,
+                                                  server: ArtifactServer) -> None:
+    """The broker delivers a retained push again on every reconnect and at every start: one
+    that was refused (here a wrong sha256) answers as a repeated push, without a download."""
+    d = _start(start_daemon, broker)
+    r = _reports(broker)
+    try:
+        r.publish(DESIRED, json.dumps(_push_doc(artifact, server.url, {"sha256": "0" * 64})),
+                  response=False, retain=True)
+        report, _ = _outcome(r, 1)
+        assert report["status"] == "rejected", report
+        downloads = len(server.ranges)
+        broker.stop()  # the daemon reconnects; the broker delivers the retained push again
+        broker.start()
+        _wait_ignored(d, 1)
+        assert len(server.ranges) == downloads, "downloaded again after a reconnect"
+        d.stop()
+        again = _start(start_daemon, broker)  # the same state directory
+        _wait_ignored(again, 1)
+        assert len(server.ranges) == downloads, "downloaded again after a restart"
+    finally:
+        r.close()
+    assert _left_behind(again) == []
