@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import gc
 import hashlib
 import json
+import math
 import signal
 import time
 from pathlib import Path
@@ -37,7 +40,7 @@ from edgeagent.fleet import Fleet
 from edgeagent.manifest import ModelIntegrityError, verify_model
 from edgeagent.metrics import Figures, render_metrics
 from edgeagent.planner import ModelMeta, Plan, PlanError, plan
-from edgeagent.probe import probe
+from edgeagent.probe import Hardware, probe
 from edgeagent.scheduler import Scheduler
 from edgeagent.sdnotify import Notifier, watchdog_interval
 from edgeagent.serving import Serving
@@ -82,14 +85,40 @@ def plan_for(settings: Settings) -> Plan:
     return plan(probe(settings.runtime.probe_root), meta, settings.runtime, settings.limits)
 
 
+def activation(new: Settings, serving: Plan | None) -> tuple[bool, Plan]:
+    """Whether the model of ``new`` loads beside the one ``serving`` (True) or only after it
+    is unloaded (False), and its plan: the plan it gets on its own, with the memory the
+    serving plan counts (weights, KV cache, prefill) given back. It loads beside when that
+    plan fits in the memory available now, with the serving model loaded, so that it is the
+    same plan either way. A PlanError when it does not fit even on its own."""
+    hw = probe(new.runtime.probe_root)
+    held = serving.total_bytes - serving.headroom_bytes if serving is not None else 0
+    alone = plan(_freed(hw, held), ModelMeta.from_folder(new.model_path), new.runtime,
+                 new.limits)
+    available = hw.effective_available_bytes
+    return available is None or alone.total_bytes <= available, alone
+
+
+def _freed(hw: Hardware, held: int) -> Hardware:
+    """``hw`` once this process has given back ``held`` bytes."""
+    return dataclasses.replace(
+        hw,
+        mem_available_bytes=None if hw.mem_available_bytes is None
+        else hw.mem_available_bytes + held,
+        cgroup_memory_usage_bytes=None if hw.cgroup_memory_usage_bytes is None
+        else max(hw.cgroup_memory_usage_bytes - held, 0))
+
+
 def needs_reload(old: Settings, new: Settings) -> bool:
     """Whether going from ``old`` to ``new`` changes the model or its plan: a changed
     setting whose liveness is ``reload``."""
     return "reload" in changed_settings(old, new)
 
 
-def load_engine(settings: Settings) -> tuple[Engine, Plan, dict[str, object] | None]:
-    """Probe, plan, verify and load: everything a (re)load needs, or a StartupError."""
+def load_engine(settings: Settings, the_plan: Plan | None = None
+                ) -> tuple[Engine, Plan, dict[str, object] | None]:
+    """Probe, plan (unless ``the_plan`` is given), verify and load: everything a (re)load
+    needs, or a StartupError."""
     path = settings.model_path
     if not path.exists():
         hint = (
@@ -98,7 +127,7 @@ def load_engine(settings: Settings) -> tuple[Engine, Plan, dict[str, object] | N
         raise StartupError(f"model folder {path} does not exist{hint}")
     try:
         manifest = verify_model(path, check_hashes=settings.model.verify)
-        the_plan = plan_for(settings)
+        the_plan = the_plan or plan_for(settings)
     except (ModelIntegrityError, PlanError) as exc:
         raise StartupError(str(exc)) from exc
     try:
@@ -145,6 +174,11 @@ class Daemon:
         self.telemetry: Telemetry | None = None
         self.fleet: Fleet | None = None
         self.last_apply = "boot"
+        #: seconds from start to ready: how long a model takes to load here
+        self.load_s = 0.0
+        #: a model swap unloaded the serving model: not ready, but not stuck either
+        self._swapping = False
+        self._exit_code = 0
 
     @property
     def ready(self) -> bool:
@@ -278,12 +312,12 @@ class Daemon:
         for transport in self.transports:
             transport.on_ready()
         self._start_upstream()
-        log.info("ready", load_s=round(time.monotonic() - self.started_at, 2),
-                 plan=the_plan.summary())
+        self.load_s = time.monotonic() - self.started_at
+        log.info("ready", load_s=round(self.load_s, 2), plan=the_plan.summary())
         self.notifier.send("READY=1", f"STATUS=ready: {the_plan.summary()}")
         await self._main_loop()
         await self.shutdown()
-        return 0
+        return self._exit_code
 
     def _start_upstream(self) -> None:
         """Telemetry and fleet configuration ride on the MQTT transport, when it is on."""
@@ -306,20 +340,19 @@ class Daemon:
     def _plan_error(self, new: Settings) -> str | None:
         """Why ``new`` cannot be planned here (runtime.threads above the CPUs, a context that
         does not fit, a folder that is no model), checked before a fleet push is persisted
-        or applied. Only when it changes the plan: the memory probed now is what the running
-        model leaves, which a reload would see too."""
+        or applied. Only when it changes the plan; a model that fits only once the running
+        one is unloaded is no error (see ``activation``)."""
         if not needs_reload(self.settings, new):
             return None
         try:
-            plan_for(new)
+            activation(new, self.serving.plan)
         except PlanError as exc:
             return f"(plan): {exc}"
         return None
 
-    def _canary(self, engine: Engine, new: Settings) -> str | None:
+    def _canary(self, engine: Engine, new: Settings, baseline: float | None) -> str | None:
         """Run the canary prompts on the new ``engine`` (not yet serving) against the serving
-        model's recent decode speed."""
-        baseline = (self.serving.status().get("serving") or {}).get("decode_tokens_per_s")
+        model's recent decode speed, ``baseline``."""
         try:
             return check_canary(engine, new.fleet.canary, baseline)
         except Exception as exc:  # a model that cannot even answer is a failed canary
@@ -350,6 +383,8 @@ class Daemon:
         making progress (a step or an idle wait within ``stall_timeout_s``): a thread
         wedged in the engine is not healthy."""
         scheduler = self.scheduler
+        if self._swapping:  # the old model is unloaded while the new one loads
+            return True
         if not self.ready or scheduler is None or not scheduler.alive:
             return False
         now = time.monotonic() if now is None else now
@@ -402,23 +437,11 @@ class Daemon:
         changes = changed_settings(self.settings, new)
         logsetup.configure(new.log.level, new.log.format)
         if "reload" in changes and self.scheduler is not None:
-            log.info("configuration needs a model reload; the current model keeps serving",
-                     settings=changes["reload"])
-            try:
-                engine, new_plan, manifest = await asyncio.to_thread(load_engine, new)
-            except StartupError as exc:
-                log.error("reload failed; keeping the running model", error=str(exc))
-                self.last_apply = "rolled_back"
-                return str(exc)
-            failure = await asyncio.to_thread(self._canary, engine, new) if canary else None
+            log.info("configuration needs a model reload", settings=changes["reload"])
+            failure = await self._reload(new, canary)
             if failure is not None:
-                log.error("canary failed; keeping the running model", error=failure)
-                del engine  # its memory goes back before anything else loads
                 self.last_apply = "rolled_back"
-                return f"(canary): {failure}"
-            self.serving.swap(engine, new_plan, manifest)
-            log.info("model reloaded", plan=new_plan.summary())
-            self.mqtt.publish_status()  # the new model and plan, retained
+                return failure
         self.settings = new
         self.serving.update_settings(new)
         if self.telemetry is not None:
@@ -429,6 +452,97 @@ class Daemon:
         log.info("configuration applied", changed=changes,
                  after_restart=changes.get("restart", []))
         return None
+
+
+    async def _reload(self, new: Settings, canary: bool) -> str | None:
+        """Load the model of ``new``, run its canary when asked, and swap it in: beside the
+        serving model when both fit (that one serves meanwhile), else after unloading it
+        (then loaded again when the new one fails). None, or why not: the old model serves."""
+        try:
+            beside, new_plan = await asyncio.to_thread(activation, new, self.serving.plan)
+        except PlanError as exc:
+            return f"(plan): {exc}"
+        old_plan = self.serving.plan
+        snapshot = self.serving.status().get("serving") or {}
+        baseline = snapshot.get("decode_tokens_per_s")  # the serving model's, before it goes
+        if not beside:
+            log.warning("unloading the serving model: the new one does not fit beside it",
+                        plan=new_plan.summary())
+            await self._unload()
+        loaded, failure = await asyncio.to_thread(self._load_checked, new, new_plan, canary,
+                                                  baseline)
+        if loaded is not None:
+            if beside:
+                self.serving.swap(*loaded)
+                self.mqtt.publish_status()  # the new model and plan, retained
+            else:
+                self._serve(*loaded, new)
+            log.info("model reloaded", plan=loaded[1].summary())
+            return None
+        log.error("model reload failed; keeping the running model", error=failure)
+        if not beside:
+            await self._load_again(old_plan)
+        return failure
+
+    def _load_checked(self, new: Settings, the_plan: Plan, canary: bool,
+                      baseline: float | None
+                      ) -> tuple[tuple[Engine, Plan, dict[str, object] | None] | None,
+                                 str | None]:
+        """On a thread: the new model loaded and, with ``canary``, passing it; or why not
+        (its engine is dropped here, so that its memory goes back)."""
+        try:
+            engine, the_plan, manifest = load_engine(new, the_plan)
+        except StartupError as exc:
+            return None, str(exc)
+        failure = self._canary(engine, new, baseline) if canary else None
+        if failure is not None:
+            return None, f"(canary): {failure}"
+        return (engine, the_plan, manifest), None
+
+    async def _unload(self) -> None:
+        """Stop serving and give the model's memory back: new requests get 503 with a
+        Retry-After of about a model load (MQTT holds them until a model serves), those
+        running finish within drain_timeout_s."""
+        scheduler = self.scheduler
+        assert scheduler is not None
+        self._swapping = True
+        self.serving.loading(retry_after=min(60, max(1, math.ceil(self.load_s))))
+        left = await asyncio.to_thread(scheduler.drain, self.settings.drain_timeout_s)
+        if left:
+            log.warning("model swap: cancelled requests still running", cancelled=left)
+        await asyncio.to_thread(scheduler.stop)
+        self.serving.unload()
+        self.scheduler = None
+        del scheduler
+        gc.collect()  # onnxruntime frees the weights once the last reference goes
+        self.mqtt.publish_status()  # loading: no model, no plan
+
+    def _serve(self, engine: Engine, the_plan: Plan, manifest: dict[str, object] | None,
+               settings: Settings) -> None:
+        """A model loaded after an unload serves: a scheduler of its own, and the transports
+        told (MQTT answers what it held and republishes the status)."""
+        self.scheduler = Scheduler(engine, the_plan, settings)
+        self.scheduler.start()
+        self.serving.serve(self.scheduler, the_plan, manifest)
+        self._swapping = False
+        for transport in self.transports:
+            transport.on_ready()
+
+    async def _load_again(self, old_plan: Plan | None) -> None:
+        """The new model failed after the old one was unloaded: load the old one again, with
+        its plan. If even that fails the daemon exits (status 1): systemd restarts it with
+        the last good configuration."""
+        gc.collect()  # the failed engine's memory first
+        try:
+            loaded = await asyncio.to_thread(load_engine, self.settings, old_plan)
+        except StartupError as exc:
+            log.critical("the serving model cannot be loaded again; exiting", error=str(exc))
+            self._swapping = False
+            self._exit_code = 1
+            self.request_exit("model lost")
+            return
+        self._serve(*loaded, self.settings)
+        log.warning("the serving model is loaded again", model=str(self.settings.model_path))
 
 
 def run(config_path: Path | None) -> int:

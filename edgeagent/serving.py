@@ -62,10 +62,19 @@ class Serving:
         self.plan: Plan | None = None
         self.manifest: dict[str, object] | None = None
         self._scheduler: Scheduler | None = None
+        self._retry_after = 1
 
     # ------------------------------------------------------------ the root's side
-    def loading(self) -> None:
+    def loading(self, retry_after: int = 1) -> None:
+        """A model loads (at start, or in place of the one unloaded for a swap): requests
+        get 503 with ``retry_after`` seconds."""
         self.state = "loading"
+        self._retry_after = retry_after
+
+    def unload(self) -> None:
+        """The scheduler is drained and stopped: let go of it, so that its engine's memory
+        goes back before another model loads (``serve`` gives the next one)."""
+        self._scheduler, self.plan = None, None
 
     def serve(self, scheduler: Scheduler, plan: Plan,
               manifest: dict[str, object] | None) -> None:
@@ -135,7 +144,8 @@ class Serving:
             # Retry-After, for this process will not serve again; a client should go
             # elsewhere or wait for the next start.
             if self.state in ("starting", "loading"):
-                raise protocol.ModelLoading("the model is still loading", retry_after=1)
+                raise protocol.ModelLoading("the model is still loading",
+                                            retry_after=self._retry_after)
             raise protocol.ModelLoading("the daemon is shutting down")
         return self._scheduler
 

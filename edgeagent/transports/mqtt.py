@@ -431,8 +431,8 @@ class MqttTransport:
         """Join the fleet's shared subscription on a connection of its own, with a session
         that ends with it (so a dead member collects no share), once the model is loaded
         (so a loading member holds none back). paho reconnects it on its own."""
-        if "fleet" not in self.topics or self.client is None:
-            return
+        if "fleet" not in self.topics or self.client is None or self._share is not None:
+            return  # (on_ready runs again after a model is swapped in after an unload)
         m = self.settings.mqtt
         share = make_client(self.settings, f"{m.client_id or self.settings.device_id}-share",
                             manual_ack=True, persistent=False, reconnect=True)
