@@ -23,7 +23,7 @@ import json
 import re
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as SequenceT
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +123,25 @@ class GuidanceError(ValueError):
     """onnxruntime-genai refused a guidance grammar or the sampling that goes with it."""
 
 
+#: Given a guided answer's text so far, the tokens it has used and the tokens it has left:
+#: the text that ends it now (appended as the Finish's tail), or None to go on.
+Closer = Callable[[str, int, int], "str | None"]
+
+
+class Guidance(tuple[str, str]):
+    """A grammar, ``(kind, text)`` as ``GeneratorParams.set_guidance`` takes it, that may
+    also know when its answer is complete before the grammar says so (``closer``): the
+    grammar cannot express "no repeated item" or "close before max_tokens", the text can.
+    A plain ``(kind, text)`` tuple is a guidance without one."""
+
+    closer: Closer | None
+
+    def __new__(cls, kind: str, grammar: str, closer: Closer | None = None) -> Guidance:
+        self = super().__new__(cls, (kind, grammar))
+        self.closer = closer
+        return self
+
+
 class StopMatcher:
     """Holds back text that could still grow into a stop string.
 
@@ -202,6 +221,7 @@ class Sequence:
     stops: StopMatcher
     rng: np.random.Generator
     produced: list[int] = field(default_factory=list)
+    written: list[str] = field(default_factory=list)  # the text, kept for a closer only
     cancel_requested: bool = False
     finished: bool = False
 
@@ -363,7 +383,7 @@ class Engine:
                           options: dict[str, Any]) -> Any:
         """A generator under onnxruntime-genai's own sampler, which applies the grammar."""
         params = og.GeneratorParams(self.model)
-        params.set_guidance(*guidance)
+        params.set_guidance(guidance[0], guidance[1])
         params.set_search_options(**{**options, **self._native_sampling(sampling)})
         with self._guidance_lock:
             return og.Generator(self.model, params)
@@ -577,9 +597,21 @@ class Engine:
         out: list[Event] = [(seq, Delta(token, text, logprobs))]
         if hit:
             out.append((seq, self._finish(seq, "stop", stopped_by_string=True)))
+        elif (closing := self._closing(seq, text)) is not None:
+            out.append((seq, self._finish(seq, "stop", closing=closing)))
         elif len(seq.produced) >= seq.max_new:
             out.append((seq, self._finish(seq, "length")))
         return out
+
+    def _closing(self, seq: Sequence, text: str) -> str | None:
+        """The text that ends ``seq`` now, when its guidance has a closer that says so
+        (checked before max_tokens: an answer that closes on its last token is whole)."""
+        closer = seq.guidance.closer if isinstance(seq.guidance, Guidance) else None
+        if closer is None:
+            return None
+        seq.written.append(text)
+        used = len(seq.produced)
+        return closer("".join(seq.written), used, seq.max_new - used)
 
     def _logprob(self, dist: np.ndarray, token: int, top: int | None) -> Logprob:
         """``token``'s logprob in ``dist`` and the ``top`` most likely tokens'."""
@@ -602,9 +634,10 @@ class Engine:
         return text
 
     def _finish(self, seq: Sequence, reason: str, stopped_by_string: bool = False,
-                error: str = "") -> Finish:
+                error: str = "", closing: str = "") -> Finish:
         seq.finished = True
         tail = "" if stopped_by_string or reason == "cancelled" else seq.stops.flush()
+        tail += closing
         return Finish(reason, seq.prompt_tokens, len(seq.produced), seq.produced, tail, error)
 
     def generate(

@@ -20,9 +20,11 @@ import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edgeagent.engine import (
+    Closer,
     Delta,
     Engine,
     Finish,
+    Guidance,
     GuidanceError,
     Logprob,
     Plain,
@@ -30,7 +32,7 @@ from edgeagent.engine import (
     TokenLogprob,
 )
 from edgeagent.scheduler import AdmissionError, Job, JobError, Sink, Unavailable
-from edgeagent.settings import ProfileSettings, Settings
+from edgeagent.settings import LimitsSettings, ProfileSettings, Settings
 
 MODEL_PREFIX = "edgeagent"
 
@@ -462,21 +464,22 @@ def offered_tools(req: ChatCompletionRequest) -> tuple[list[Tool], bool] | None:
     return tools, may_answer
 
 
-def tool_guidance(req: ChatCompletionRequest
+def tool_guidance(req: ChatCompletionRequest, caps: LimitsSettings
                   ) -> tuple[dict[str, Any], list[Tool], bool] | None:
     """The JSON schema the answer must follow when tools are offered, the tools, and
     whether it may answer without a call; None without tools.
 
     The model answers in an envelope: ``{"tool_calls": [{"name", "arguments"}]}`` or, when
     it may answer without a call, ``{"content": "..."}``. The daemon parses it into
-    OpenAI's shape.
+    OpenAI's shape. Arguments are bounded (``bounded``); the content is prose, bounded by
+    max_tokens alone.
     """
     offer = offered_tools(req)
     if offer is None:
         return None
     tools, may_answer = offer
-    call = {"anyOf": [_call_schema(t) for t in tools]} if len(tools) > 1 else _call_schema(
-        tools[0])
+    schemas = [bounded(_call_schema(t), caps) for t in tools]
+    call = {"anyOf": schemas} if len(schemas) > 1 else schemas[0]
     calls = {
         "type": "object",
         "properties": {"tool_calls": {"type": "array", "items": call, "minItems": 1,
@@ -491,11 +494,113 @@ def tool_guidance(req: ChatCompletionRequest
     return calls, tools, False
 
 
-def json_guidance(schema: dict[str, Any]) -> tuple[str, str]:
+def json_guidance(schema: dict[str, Any], closer: Closer | None = None) -> Guidance:
     """onnxruntime-genai guidance for a JSON schema, compact: no free whitespace, so the
     model spends its tokens on content."""
     compact = {**schema, "x-guidance": {"whitespace_flexible": False}}
-    return "json_schema", json.dumps(compact)
+    return Guidance("json_schema", json.dumps(compact), closer)
+
+
+# -------------------------------------------------------------- bounded values
+# A small model under a grammar can write "1000000000000..." or "11.1.1.1111..." until
+# max_tokens: the grammar lets a value grow forever unless its schema bounds it. So every
+# value the schema leaves unbounded gets a cap (LimitsSettings.guided_*), through keywords
+# llguidance (onnxruntime-genai 0.18) honours: maxLength, minimum/maximum, multipleOf (it
+# bounds the decimals), maxItems. A bound the client wrote is kept as it is.
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SUBSCHEMAS = ("items", "additionalProperties", "not")
+#: A string is bounded already by any of these.
+_STRING_BOUNDS = ("maxLength", "pattern", "format", "enum", "const")
+
+
+def bounded(schema: dict[str, Any], caps: LimitsSettings) -> dict[str, Any]:
+    """``schema`` with a cap on every string, number and array it leaves unbounded."""
+    out = {k: _bounded_any(v, caps) if k in _SUBSCHEMAS else v for k, v in schema.items()}
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [_bounded_any(v, caps) for v in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: _bounded_any(v, caps) for k, v in out[key].items()}
+    types = out.get("type")
+    types = set(types) if isinstance(types, list) else {types}
+    if "enum" in out or "const" in out:
+        return out
+    if "string" in types and not any(k in out for k in _STRING_BOUNDS):
+        out["maxLength"] = caps.guided_string_max_length
+    if types & {"number", "integer"}:
+        largest = 10 ** caps.guided_number_digits - 1
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -largest
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = largest
+        if "number" in types and "multipleOf" not in out:
+            out["multipleOf"] = 10.0 ** -caps.guided_number_decimals
+    if "array" in types and "maxItems" not in out:
+        out["maxItems"] = max(caps.guided_array_max_items, out.get("minItems", 0))
+    return out
+
+
+def budget_caps(limits: LimitsSettings, max_tokens: int) -> LimitsSettings:
+    """The caps for an answer of ``max_tokens``: a string at most a quarter of it, for a
+    string of digits costs a token a character and the rest of the JSON needs room too."""
+    longest = min(limits.guided_string_max_length, max(16, max_tokens // 4))
+    return limits.model_copy(update={"guided_string_max_length": longest})
+
+
+def _bounded_any(value: Any, caps: LimitsSettings) -> Any:
+    """A subschema bounded; ``true``/``false`` and other non-schemas as they are."""
+    return bounded(value, caps) if isinstance(value, dict) else value
+
+
+def any_json_object(caps: LimitsSettings) -> dict[str, Any]:
+    """``json_object``: any JSON object, its values bounded as ``bounded`` bounds them."""
+    value = {"$ref": "#/$defs/value"}
+    values = {"anyOf": [
+        {"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"},
+        {"type": "array", "items": value},
+        {"type": "object", "additionalProperties": value}]}
+    return bounded({"type": "object", "additionalProperties": value,
+                    "$defs": {"value": values}}, caps)
+
+
+# -------------------------------------------------------------- no repeated calls
+#: Tokens that ending the envelope's list takes ("]}": one token in byte-level BPE) and a
+#: margin.
+_CLOSE_TOKENS = 2
+
+
+def close_tool_list(text: str, used: int, left: int) -> str | None:
+    """The tail that ends a tool envelope's list now (an ``engine.Closer``), or None.
+
+    A small model repeats its call until maxItems, and JSON schema cannot forbid a repeat
+    (llguidance refuses uniqueItems): so the list ends as soon as its last whole call
+    repeats an earlier one (the parser drops the repeat), or when the tokens left could
+    not hold one more call of the average size so far (it would be cut by max_tokens).
+    Checked only where a call has just closed, with nothing or a comma after it.
+    """
+    head = _CALLS_HEAD.match(text)
+    if head is None:
+        return None
+    calls, pos, _ = _whole_calls(text, head.end())
+    rest = text[pos:].strip()
+    if not calls or rest not in ("", ","):
+        return None
+    keys = [_call_key(c) for c in calls]
+    repeated = keys[-1] in keys[:-1]
+    if not repeated and left >= used / len(calls) + _CLOSE_TOKENS:
+        return None
+    if rest == "":
+        return "]}"
+    # The comma is written already and text is not taken back: the list closes with one
+    # more copy of the last call, which the parser drops as the duplicate it is.
+    return json.dumps(calls[-1], separators=(",", ":")) + "]}"
+
+
+def _call_key(call: Any) -> str:
+    """What makes two calls identical: their name and arguments, keys in any order."""
+    return json.dumps(call, sort_keys=True)
 
 
 def _tools_system_prompt(tools: list[Tool], may_answer: bool) -> str:
@@ -519,14 +624,35 @@ def parse_tool_envelope(text: str) -> tuple[str | None, list[dict[str, Any]] | N
 
 
 def _openai_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The calls in OpenAI's shape, each identical call (name and arguments) once."""
+    unique: dict[str, dict[str, Any]] = {}
+    for call in calls:
+        unique.setdefault(_call_key(call), call)
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
              "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
-            for c in calls]
+            for c in unique.values()]
 
 
 _CALLS_HEAD = re.compile(r'\{\s*"tool_calls"\s*:\s*\[\s*')
 _CALLS_SEP = re.compile(r"\s*,\s*")
 _CONTENT_HEAD = re.compile(r'\{\s*"content"\s*:\s*"')
+
+
+def _whole_calls(text: str, pos: int) -> tuple[list[dict[str, Any]], int, bool]:
+    """The calls written whole from ``pos`` (just inside the envelope's list), where the
+    last one ends, and whether the list is closed after it (no comma follows)."""
+    calls: list[dict[str, Any]] = []
+    decoder, last = json.JSONDecoder(), pos
+    while True:
+        try:
+            call, last = decoder.raw_decode(text, pos)
+        except ValueError:  # the call being written, or nothing yet
+            return calls, last, False
+        calls.append(call)
+        comma = _CALLS_SEP.match(text, last)
+        if comma is None:
+            return calls, last, True
+        pos = comma.end()
 
 
 def cut_tool_envelope(text: str, reason: str) -> tuple[str | None,
@@ -538,20 +664,12 @@ def cut_tool_envelope(text: str, reason: str) -> tuple[str | None,
     cause = "max_tokens" if reason == "length" else "a cancel"
     head = _CALLS_HEAD.match(text)
     if head is not None:
-        calls: list[dict[str, Any]] = []
-        decoder, pos = json.JSONDecoder(), head.end()
-        while True:
-            try:
-                call, pos = decoder.raw_decode(text, pos)
-            except ValueError:  # the call being written when the answer ended
-                return ("" if not calls else None, _openai_calls(calls) or None,
-                        f"{cause} ended the answer while it wrote a tool call: {len(calls)} "
-                        "complete call(s) returned, the unfinished one dropped")
-            calls.append(call)
-            comma = _CALLS_SEP.match(text, pos)
-            if comma is None:  # the list is closed: every call is whole
-                return None, _openai_calls(calls), None
-            pos = comma.end()
+        calls, _, closed = _whole_calls(text, head.end())
+        if closed:
+            return None, _openai_calls(calls), None
+        return ("" if not calls else None, _openai_calls(calls) or None,
+                f"{cause} ended the answer while it wrote a tool call: {len(calls)} "
+                "complete call(s) returned, the unfinished one dropped")
     if _CONTENT_HEAD.match(text):
         doc = pydantic_core.from_json(text, allow_partial="trailing-strings")
         return str(doc.get("content", "")), None, None  # cut text, as any answer "length"
@@ -636,7 +754,9 @@ def prepare_chat(req: ChatCompletionRequest, engine: Engine, settings: Settings,
     guidance: tuple[str, str] | None = None
     guided_by = "response_format"
     tool_mode = False
-    tools = tool_guidance(req)
+    caps = budget_caps(settings.limits, req.token_cap() or profile.max_tokens
+                       or settings.limits.default_max_tokens)
+    tools = tool_guidance(req, caps)
     if tools is not None:
         schema, offered, may_answer = tools
         note = _tools_system_prompt(offered, may_answer)
@@ -644,18 +764,19 @@ def prepare_chat(req: ChatCompletionRequest, engine: Engine, settings: Settings,
             messages[0]["content"] += ["\n\n" + note]
         else:
             messages.insert(0, {"role": "system", "content": [note]})
-        guidance = json_guidance(schema)
+        guidance = json_guidance(schema, close_tool_list)
         guided_by = "tools"
         tool_mode = True
     elif req.response_format is not None and req.response_format.type != "text":
         if req.response_format.type == "json_object":
-            schema = {"type": "object"}
+            schema = {}
         else:
             if req.response_format.json_schema is None:
                 raise InvalidRequest("response_format json_schema needs a json_schema object",
                                      "response_format")
-            schema = req.response_format.json_schema.schema_ or {"type": "object"}
-        guidance = json_guidance(schema)
+            schema = req.response_format.json_schema.schema_
+        free = schema in ({}, {"type": "object"})
+        guidance = json_guidance(any_json_object(caps) if free else bounded(schema, caps))
     try:
         tokens = engine.chat_tokens(messages)
     except Exception as exc:

@@ -401,6 +401,32 @@ class LimitsSettings(Section):
         "well below the unit's LimitNOFILE.",
         json_schema_extra=RESTART,
     )
+    guided_string_max_length: int = Field(
+        default=256, ge=1, le=100_000,
+        description="Longest string a guided JSON answer (tool arguments, response_format) "
+        "may write where its schema sets no maxLength, pattern, format, enum or const, and "
+        "at most a quarter of the answer's max_tokens: a small model can repeat characters "
+        "until max_tokens.",
+        json_schema_extra=LIVE,
+    )
+    guided_number_digits: int = Field(
+        default=15, ge=1, le=300,
+        description="Digits before the point of a number in a guided JSON answer whose "
+        "schema sets no minimum or maximum (15: every such integer is exact in a double).",
+        json_schema_extra=LIVE,
+    )
+    guided_number_decimals: int = Field(
+        default=6, ge=0, le=15,
+        description="Digits after the point of a number in a guided JSON answer whose "
+        "schema sets no multipleOf.",
+        json_schema_extra=LIVE,
+    )
+    guided_array_max_items: int = Field(
+        default=16, ge=1, le=10_000,
+        description="Items of an array in a guided JSON answer whose schema sets no "
+        "maxItems.",
+        json_schema_extra=LIVE,
+    )
 
 
 class LogSettings(Section):
