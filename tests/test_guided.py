@@ -95,10 +95,9 @@ def test_the_list_ends_when_one_more_call_would_not_fit() -> None:
 
 
 def test_identical_calls_are_parsed_once_in_order() -> None:
-    calls = [_call("Paris"), _call("Rome"), _call("Paris"),
-             '{"arguments":{"city":"Rome"},"name":"get_weather"}']  # keys in another order
-    text = '{"tool_calls":[' + ",".join(calls) + "]}"
-    _, calls = parse_tool_envelope(text)
+    written = [_call("Paris"), _call("Rome"), _call("Paris"),
+               '{"arguments":{"city":"Rome"},"name":"get_weather"}']  # keys in another order
+    _, calls = parse_tool_envelope('{"tool_calls":[' + ",".join(written) + "]}")
     assert [json.loads(c["function"]["arguments"])["city"] for c in calls or []] == [
         "Paris", "Rome"]
 
