@@ -4,7 +4,8 @@
 model's :class:`ModelMeta` and the settings, and returns a :class:`Plan` whose every choice
 carries its reason, or raises a :class:`PlanError` naming the numbers. The memory budget::
 
-    weights + kv_bytes_per_token * context_length * max_batch + prefill + headroom <= available
+    weights + kv_bytes_per_token * context_length * max_batch + prefill + prefix cache
+        + headroom <= available
 
 where *prefill* is what one prefill step needs beyond the KV cache: its logits (a row per
 sequence for a model with a pruned LM head, a row per chunk position otherwise) and the
@@ -13,6 +14,12 @@ attention scores of one chunk of ``prefill_chunk`` tokens against the whole cont
 cgroup limit less the cgroup's working set), or the total when that is unknown. The KV cache
 is counted at its full size up front: onnxruntime-genai's CPU GroupQueryAttention models
 share one past/present buffer of ``max_length`` per sequence, allocated when a sequence starts.
+
+The *prefix cache* (:func:`prefix_cache`) is idle batch-1 generators kept for their prompt's
+KV cache, each allocated for the whole context: ``kv_bytes_per_token * context_length``
+apiece. An explicit ``runtime.prefix_cache_mb`` is set aside before the context and batch
+are sized; an automatic one takes whole entries out of what they leave spare. Either way the
+full batch at the full context still fits beside a full cache.
 """
 
 from __future__ import annotations
@@ -191,13 +198,25 @@ class Plan:
     attention_bytes: int
     headroom_bytes: int
     total_bytes: int
+    #: Memory of the prefix cache: whole entries of ``prefix_cache_entry_bytes`` (0: off).
+    prefix_cache_bytes: int = 0
     #: Choice -> why: "threads", "context_length", "max_batch", "max_prompt_tokens",
-    #: "provider", "memory".
+    #: "provider", "prefix_cache", "memory".
     reasons: dict[str, str] = field(default_factory=dict)
 
     @property
     def spare_bytes(self) -> int:
         return self.available_bytes - self.total_bytes
+
+    @property
+    def prefix_cache_entry_bytes(self) -> int:
+        """What one cached prompt holds: a batch-1 KV cache for the whole context."""
+        return self.kv_bytes_per_token * self.context_length
+
+    @property
+    def prefix_cache_entries(self) -> int:
+        entry = self.prefix_cache_entry_bytes
+        return self.prefix_cache_bytes // entry if entry else 0
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -220,6 +239,7 @@ class Plan:
             ("max_batch", str(self.max_batch)),
             ("max_prompt_tokens", str(self.max_prompt_tokens)),
             ("provider", self.provider),
+            ("prefix_cache", f"{self.prefix_cache_entries} prompts"),
         ]
         width = max(len(name) for name, _ in rows)
         vwidth = max(len(value) for _, value in rows)
@@ -249,12 +269,19 @@ class Plan:
                 f"prefill scores: a {self.prefill_chunk}-token chunk x {self.context_length} "
                 "tokens",
             ),
+            (
+                "prefix cache",
+                self.prefix_cache_bytes,
+                f"{self.prefix_cache_entries} x {self.kv_bytes_per_token} B/token x "
+                f"{self.context_length} tokens",
+            ),
             ("headroom", self.headroom_bytes, "runtime.memory_headroom_mb"),
-            ("total", self.total_bytes, "weights + KV cache + prefill + headroom"),
+            ("total", self.total_bytes,
+             "weights + KV cache + prefill + prefix cache + headroom"),
             ("spare", self.spare_bytes, ""),
         ]
         for label, value, note in account:
-            text = f"  {label:<10} {value / mb:>10.1f}"
+            text = f"  {label:<12} {value / mb:>10.1f}"
             lines.append(f"{text}  {note}" if note else text)
         return "\n".join(lines)
 
@@ -393,8 +420,9 @@ class MemoryBudget:
 
 def memory_budget(hw: Hardware, meta: ModelMeta, runtime: RuntimeSettings) -> MemoryBudget:
     """The probe's effective available memory (or the total when that is unknown), less
-    the weights and ``runtime.memory_headroom_mb``."""
+    the weights, ``runtime.memory_headroom_mb`` and an explicit ``runtime.prefix_cache_mb``."""
     headroom = runtime.memory_headroom_mb * MB
+    reserved = _explicit_cache(runtime)
     effective = hw.effective_available_bytes
     if effective is not None:
         available = effective
@@ -417,12 +445,48 @@ def memory_budget(hw: Hardware, meta: ModelMeta, runtime: RuntimeSettings) -> Me
             "cannot plan: neither the available nor the total memory of this machine is known "
             "(/proc/meminfo unreadable)"
         )
+    cache = f", {_fmt(reserved)} of prefix cache" if reserved else ""
     after = (
-        f"after the {_fmt(meta.weights_bytes)} of weights and {_fmt(headroom)} headroom "
+        f"after the {_fmt(meta.weights_bytes)} of weights{cache} and {_fmt(headroom)} headroom "
         f"out of {_fmt(available)} available ({source})"
     )
     return MemoryBudget(available, source, headroom,
-                        available - meta.weights_bytes - headroom, after)
+                        available - meta.weights_bytes - headroom - reserved, after)
+
+
+def _explicit_cache(runtime: RuntimeSettings) -> int:
+    """Bytes of an explicit runtime.prefix_cache_mb (0 when automatic or off)."""
+    return 0 if runtime.prefix_cache_mb == "auto" else runtime.prefix_cache_mb * MB
+
+
+def prefix_cache(meta: ModelMeta, runtime: RuntimeSettings, budget: MemoryBudget,
+                 context: int, batch: int) -> tuple[int, str]:
+    """Bytes of the prefix cache, in whole entries of one full-context KV cache, and why.
+
+    Automatic: up to ``batch`` entries (a cached prompt per client generating at once)
+    within half of what the plan leaves spare, so the cache never crowds out the batch or
+    the context and leaves memory for the rest of the gateway. Explicit: the reserved size
+    (already out of the budget), which must hold at least one entry."""
+    entry = meta.kv_bytes_per_token * context
+    one = f"one cached prompt holds a {context}-token KV cache, {_fmt(entry)}"
+    if runtime.prefix_cache_mb == 0:
+        return 0, "runtime.prefix_cache_mb=0: off"
+    if runtime.prefix_cache_mb != "auto":
+        entries = _explicit_cache(runtime) // entry
+        if entries == 0:
+            raise PlanError(
+                f"runtime.prefix_cache_mb={runtime.prefix_cache_mb} holds no prompt: {one}; "
+                "raise it, lower runtime.context_length, or set 0 to turn the cache off"
+            )
+        return entries * entry, f"runtime.prefix_cache_mb ({entries} x {_fmt(entry)})"
+    spare = budget.room - _need(meta, context, batch)
+    entries = min(batch, max(0, spare // 2) // entry)
+    if entries == 0:
+        return 0, f"auto: off: {one}, more than half the {_fmt(max(0, spare))} left spare"
+    return entries * entry, (
+        f"auto: {entries} x {_fmt(entry)} ({one}; at most max_batch={batch}, within half "
+        f"the {_fmt(spare)} left spare)"
+    )
 
 
 def context_ceiling(meta: ModelMeta, runtime: RuntimeSettings) -> tuple[int, str]:
@@ -598,6 +662,7 @@ def plan(
     ctx, batch, sizing = context_and_batch(meta, runtime, budget)
     reasons.update(sizing)
     max_prompt, reasons["max_prompt_tokens"] = prompt_limit(limits, ctx)
+    cache, reasons["prefix_cache"] = prefix_cache(meta, runtime, budget, ctx, batch)
     reasons["provider"] = "runtime.provider"
     reasons["memory"] = budget.source
     kv = meta.kv_bytes_per_token * ctx * batch
@@ -617,8 +682,9 @@ def plan(
         logits_bytes=logits,
         attention_bytes=attention,
         headroom_bytes=budget.headroom,
-        total_bytes=meta.weights_bytes + kv + logits + attention + budget.headroom,
+        total_bytes=meta.weights_bytes + kv + logits + attention + cache + budget.headroom,
         reasons=reasons,
+        prefix_cache_bytes=cache,
     )
 
 
@@ -634,5 +700,6 @@ __all__ = [
     "context_ceiling",
     "memory_budget",
     "plan",
+    "prefix_cache",
     "prompt_limit",
 ]

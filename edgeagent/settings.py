@@ -152,6 +152,23 @@ class RuntimeSettings(Section):
         "planner will not plan into it and the memory guard refuses work below it.",
         json_schema_extra=RELOAD,
     )
+    prefix_cache_mb: int | Auto = Field(
+        default="auto",
+        description="Memory for the prompt (prefix) cache: idle generators whose KV cache "
+        "holds recent prompts (a system prompt, tools, a chat's earlier turns), so that a "
+        "request starting with one prefills only the rest. Each holds one sequence's KV "
+        "cache for the whole context. auto: up to runtime.max_batch of them, within half the "
+        "memory the plan leaves spare; 0: off; an explicit size is reserved before the "
+        "context and batch are sized.",
+        json_schema_extra=RELOAD,
+    )
+
+    @field_validator("prefix_cache_mb")
+    @classmethod
+    def _cache_not_negative(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be 0 (off), a size in MB or \"auto\"")
+        return value
 
 
 class SocketSettings(Section):

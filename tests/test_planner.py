@@ -295,7 +295,7 @@ def test_plenty_of_memory_takes_caps() -> None:
     assert p.attention_bytes == 9 * PREFILL_CHUNK * 4096 * 4  # one chunk against the context
     assert p.headroom_bytes == 256 * MB
     assert p.total_bytes == (p.weights_bytes + p.kv_bytes + p.logits_bytes + p.attention_bytes
-                             + p.headroom_bytes)
+                             + p.prefix_cache_bytes + p.headroom_bytes)
     assert p.provider == "cpu"
     assert "auto_context_cap=4096" in p.reasons["context_length"]
     assert fits(p)

@@ -1,0 +1,108 @@
+"""The prompt (prefix) cache: idle batch-1 generators kept for the KV cache they hold.
+
+onnxruntime-genai 0.18 keeps a generator's KV cache between ``append_tokens`` calls and
+``rewind_to(n)`` truncates it to its first ``n`` tokens (batch_size 1 only: a batch can
+only rewind to 0). So a finished sequence's generator still holds the KV of its prompt and
+answer; a later prompt that starts with the same tokens (a system prompt, tool definitions,
+a chat's earlier turns) takes it, rewinds to the common length and appends only the rest.
+
+Entries are keyed by their token ids; a prompt takes the entry sharing its longest prefix,
+if that is at least ``MIN_PREFIX_TOKENS`` long. A taken entry leaves the cache (its
+generator runs the new sequence) and comes back when that sequence ends, holding the new
+tokens. Every entry costs the same: a generator allocates its KV cache for its whole
+``max_length`` when it is created (measured: +180 MB of RSS at 4096 tokens for
+SmolLM2-135M, before any token), and cached generators are made for the full context so
+that any request fits. So the byte budget is a number of entries, and the least recently
+used one goes first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+#: A shorter match is not worth its entry: taking it would replace a long cached prompt
+#: (another client's system prompt) with this one for the saving of a few tokens.
+MIN_PREFIX_TOKENS = 32
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if differ.size else n
+
+
+@dataclass(eq=False)
+class _Entry:
+    tokens: np.ndarray  # the tokens whose KV the generator holds, in order
+    generator: Any
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A cached generator for a prompt, rewound to the ``reused`` tokens it shares."""
+
+    generator: Any
+    reused: int
+
+
+class PrefixCache:
+    """At most ``budget_bytes // entry_bytes`` idle generators, least recently used first."""
+
+    def __init__(self, budget_bytes: int, entry_bytes: int) -> None:
+        self.entry_bytes = entry_bytes
+        self.capacity = budget_bytes // entry_bytes if entry_bytes > 0 else 0
+        self._entries: list[_Entry] = []  # oldest first
+
+    @property
+    def enabled(self) -> bool:
+        return self.capacity > 0
+
+    @property
+    def entries(self) -> int:
+        return len(self._entries)
+
+    @property
+    def bytes(self) -> int:
+        """Memory the idle generators hold."""
+        return len(self._entries) * self.entry_bytes
+
+    def _best(self, prompt: np.ndarray) -> tuple[_Entry | None, int]:
+        """The entry sharing the longest prefix with ``prompt``, and how many tokens it
+        can reuse: at most all but the prompt's last token, whose logits the next token
+        needs (a prompt cached whole is appended again from its last token)."""
+        best: _Entry | None = None
+        reused = 0
+        for entry in self._entries:
+            n = min(common_prefix(entry.tokens, prompt), len(prompt) - 1)
+            if n > reused:
+                best, reused = entry, n
+        return (best, reused) if reused >= MIN_PREFIX_TOKENS else (None, 0)
+
+    def hits(self, prompt: np.ndarray) -> bool:
+        """Whether ``prompt`` would take a cached generator."""
+        return self._best(prompt)[0] is not None
+
+    def take(self, prompt: np.ndarray) -> Hit | None:
+        """The best cached generator for ``prompt``, out of the cache and rewound to the
+        tokens it shares; None when no entry shares MIN_PREFIX_TOKENS."""
+        entry, reused = self._best(prompt)
+        if entry is None:
+            return None
+        self._entries.remove(entry)
+        entry.generator.rewind_to(reused)
+        return Hit(entry.generator, reused)
+
+    def put(self, tokens: np.ndarray, generator: Any) -> None:
+        """Keep ``generator``, whose KV cache holds ``tokens``; the least recently used
+        entries go beyond the capacity (their KV cache is freed with them)."""
+        if not self.enabled or len(tokens) < MIN_PREFIX_TOKENS:
+            return
+        self._entries.append(_Entry(np.asarray(tokens, dtype=np.int32), generator))
+        del self._entries[:-self.capacity]
+
+    def clear(self) -> None:
+        self._entries.clear()
