@@ -3,6 +3,7 @@ server with Range support, a real Mosquitto, the daemon as a subprocess, config 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from edgeagent.settings import CanarySettings
 from edgeagent.testing.artifact_server import ArtifactServer, serve_artifact
 from tests.broker import Broker, Requester
 from tests.conftest import REPO, DaemonProc
+from tests.test_artifact import evil_archive, make_model, member
 
 pytestmark = [pytest.mark.model, pytest.mark.broker]
 
@@ -299,3 +301,56 @@ def test_refused_artifact_is_not_downloaded_again(start_daemon: Any, broker: Bro
     finally:
         r.close()
     assert _left_behind(again) == []
+
+
+def _bad_artifact(case: str, work: Path) -> Path:
+    """A small archive of a model folder ``m``, broken as ``case`` says. Its weights are
+    random: they compress no more than real INT4 weights (the unpacked-size cap)."""
+    model = make_model(work / "src" / "m", weights=os.urandom(4096))
+    if case == "truncated":  # the server holds the first half of a good archive
+        good = pack(model, work / "good.tar.gz").path
+        cut = work / "m.tar.gz"
+        cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+        return cut
+    if case == "path_traversal":
+        return evil_archive(work / "m.tar.gz", member("m/../../edgeagent-evil"), model=model)
+    (model / "model.onnx.data").write_bytes(os.urandom(4096))  # same size, other bytes
+    return evil_archive(work / "m.tar.gz", model=model)
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("truncated", "the server has"),
+    ("path_traversal", "m/../../edgeagent-evil"),
+    ("manifest_mismatch", "model.onnx.data does not match its manifest"),
+])
+def test_broken_artifact_is_rejected_and_leaves_nothing(start_daemon: Any, broker: Broker,
+                                                        tmp_path: Path, case: str,
+                                                        reason: str) -> None:
+    served = _bad_artifact(case, tmp_path / "artifact")
+    # The push names the archive as it was made (a truncated copy is only half of it).
+    made = tmp_path / "artifact" / ("good.tar.gz" if case == "truncated" else "m.tar.gz")
+    d = _start(start_daemon, broker)
+    old = _model_path(d)
+    r = _reports(broker)
+    try:
+        with serve_artifact(served) as server:
+            r.publish(DESIRED, json.dumps({
+                "version": 1, "target": {"device": "test-d"}, "settings": {},
+                "model": {"url": server.url, "sha256": _sha256(made),
+                          "size": made.stat().st_size, "name": "m"}}),
+                response=False, retain=True)
+            report, _ = _outcome(r, 1)
+    finally:
+        r.close()
+    assert report["status"] == "rejected", report
+    assert report["errors"][0].startswith("(artifact):") and reason in report["errors"][0], \
+        report
+    assert _model_path(d) == old
+    assert _ask(d) == 200
+    assert _left_behind(d) == [], "no folder (hidden or not), archive or record left behind"
+    state = Path(d.config.parent / "d-state")
+    assert not list(state.parent.rglob("edgeagent-evil")), "written outside the models"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
