@@ -354,3 +354,38 @@ def test_broken_artifact_is_rejected_and_leaves_nothing(start_daemon: Any, broke
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_killed_mid_swap_boots_with_the_old_model_and_finishes(
+        start_daemon: Any, broker: Broker, artifact: ArtifactInfo,
+        server: ArtifactServer) -> None:
+    # A canary long enough that the kill lands while the new model is being activated.
+    canary = '[[fleet.canary.prompts]]\nprompt = "Count to twenty."\nregex = "\\\\S"\n' \
+        "max_tokens = 48\n"
+    d = _start(start_daemon, broker, canary=canary)
+    old = _model_path(d)
+    state = Path(d.config.parent / "d-state")
+    r = _reports(broker)
+    try:
+        r.publish(DESIRED, json.dumps(_push_doc(artifact, server.url)), response=False,
+                  retain=True)
+        while True:
+            status, report = _outcome_or_progress(r)
+            assert status in ("downloading", "activating"), report
+            if status == "activating":
+                break
+        d.proc.kill()  # a power cut while the new model loads and answers its canary
+        d.proc.wait(30)
+        overlay = state / "fleet-overlay.json"
+        assert not overlay.exists() or NEW_NAME not in overlay.read_text(), \
+            "the push had already applied: no kill mid-swap"
+        again = _start(start_daemon, broker, canary=canary)  # the same state directory
+        assert _model_path(again) == old, "the last good model serves after the restart"
+        assert _ask(again) == 200
+        report, _ = _outcome(r, 1)
+    finally:
+        r.close()
+    assert report["status"] == "applied", report | {"log": again.logs()[-3000:]}
+    assert _model_path(again).endswith(f"/models/{NEW_NAME}")
+    assert server.sent == artifact.size, "the archive was kept: not downloaded again"
+    assert _left_behind(again) == [NEW_NAME]
