@@ -490,11 +490,17 @@ class Daemon:
                                  str | None]:
         """On a thread: the new model loaded and, with ``canary``, passing it; or why not
         (its engine is dropped here, so that its memory goes back)."""
+        started = time.monotonic()
         try:
             engine, the_plan, manifest = load_engine(new, the_plan)
         except StartupError as exc:
             return None, str(exc)
-        failure = self._canary(engine, new, baseline) if canary else None
+        log.info("new model loaded", seconds=round(time.monotonic() - started, 2))
+        if not canary:
+            return (engine, the_plan, manifest), None
+        started = time.monotonic()
+        failure = self._canary(engine, new, baseline)
+        log.info("canary run", seconds=round(time.monotonic() - started, 2), failure=failure)
         if failure is not None:
             return None, f"(canary): {failure}"
         return (engine, the_plan, manifest), None
