@@ -130,10 +130,11 @@ def envelope_request(tools: list[dict[str, Any]], messages: list[dict[str, Any]]
     """edgeagent's own tools system prompt and envelope schema for these tools, as the
     messages and ``response_format`` any server can be sent."""
     from edgeagent import protocol
+    from edgeagent.settings import LimitsSettings
 
     req = protocol.ChatCompletionRequest.model_validate(
         {"model": "x", "messages": messages, "tools": tools, "tool_choice": tool_choice})
-    guidance = protocol.tool_guidance(req)
+    guidance = protocol.tool_guidance(req, LimitsSettings())
     assert guidance is not None  # tools are offered
     schema, offered, may_answer = guidance
     note = protocol._tools_system_prompt(offered, may_answer)
