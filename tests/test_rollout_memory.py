@@ -17,7 +17,7 @@ from edgeagent.planner import ModelMeta, Plan, plan
 from edgeagent.probe import probe
 from edgeagent.settings import LimitsSettings, RuntimeSettings
 from edgeagent.testing.artifact_server import ArtifactServer
-from tests.broker import Broker
+from tests.broker import Broker, Requester
 from tests.conftest import DaemonProc
 from tests.test_rollout import (  # noqa: F401 (fixtures)
     DESIRED,
@@ -33,6 +33,8 @@ from tests.test_rollout import (  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.model, pytest.mark.broker]
 
+STATUS = "edgeagent/test-d/status"
+REQUEST = "edgeagent/test-d/request"
 RUNTIME = {"context_length": 1024, "max_batch": 1, "memory_headroom_mb": 64}
 MARGIN_MB = 16
 
@@ -91,14 +93,29 @@ def test_model_too_big_for_two_loads_after_the_old_one(
     load = threading.Thread(target=traffic)
     load.start()
     r = _reports(broker)
+    asker = Requester(broker)
+    asker.subscribe(STATUS)
     try:
         r.publish(DESIRED, json.dumps(_push_doc(artifact, server.url)), response=False,
                   retain=True)
+        while True:  # the retained status says when the old model is unloaded
+            topic, status, _ = asker.get(240)
+            if topic == STATUS and status.get("serving") == "loading":
+                break
+        assert status["model"] is None, status
+        asker.request(REQUEST, {"messages": [{"role": "user", "content": "Hi"}],
+                                "max_tokens": 4})
+        while True:  # held while no model serves, answered once one does
+            topic, answer, _ = asker.get(240)
+            if topic == asker.reply_topic:
+                break
         report, _ = _outcome(r, 1)
     finally:
         stop.set()
         load.join(120)
         r.close()
+        asker.close()
+    assert answer["choices"][0]["finish_reason"] in ("stop", "length"), answer
     logs = d.logs()
     assert "unloading the serving model: the new one does not fit beside it" in logs, \
         report | {"log": logs[-3000:]}
