@@ -434,6 +434,8 @@ class Daemon:
         With ``canary`` (a model rollout), the new model answers ``fleet.canary`` before it
         serves. Returns None when applied, restart settings included, or why the model
         reload or its canary failed (the running model and configuration are kept)."""
+        if self._swapping:  # a SIGHUP while a fleet push swaps the model after an unload
+            return "a model swap is in progress; apply again once it is over"
         changes = changed_settings(self.settings, new)
         logsetup.configure(new.log.level, new.log.format)
         if "reload" in changes and self.scheduler is not None:
