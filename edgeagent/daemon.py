@@ -435,6 +435,7 @@ class Daemon:
         serves. Returns None when applied, restart settings included, or why the model
         reload or its canary failed (the running model and configuration are kept)."""
         if self._swapping:  # a SIGHUP while a fleet push swaps the model after an unload
+            log.warning("configuration not applied: a model swap is in progress")
             return "a model swap is in progress; apply again once it is over"
         changes = changed_settings(self.settings, new)
         logsetup.configure(new.log.level, new.log.format)
