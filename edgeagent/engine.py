@@ -23,6 +23,7 @@ import json
 import re
 import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as SequenceT
 from dataclasses import dataclass, field
@@ -177,6 +178,9 @@ class StopMatcher:
         return out
 
 
+#: Grammars whose admission check is remembered (each key is a grammar's text).
+GUIDANCE_CACHE = 256
+
 #: Top-p sampling sorts only this many of the most likely tokens (all of them when these
 #: do not reach top_p).
 TOP_P_CANDIDATES = 1024
@@ -308,6 +312,7 @@ class Engine:
         # one builds the grammar's view of the vocabulary (~0.5 s): done here, at load, not
         # inside the first guided request.
         self._guidance_lock = threading.Lock()
+        self._checked: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         self.check_guidance(("json_schema", '{"type": "object"}'), Sampling())
 
     # ------------------------------------------------------------------ text
@@ -373,11 +378,24 @@ class Engine:
 
         It builds a throw-away guided generator of two tokens (about a millisecond: the
         grammar is compiled, nothing runs), on the caller's thread: the admission check.
+        onnxruntime-genai takes a grammar as text and compiles it for each generator, so
+        what is cached is the verdict: a grammar accepted with the same sampler options
+        is not compiled again (the most recent ``GUIDANCE_CACHE`` of them).
         """
+        key = (guidance[0], guidance[1],
+               json.dumps(self._native_sampling(sampling), sort_keys=True))
+        with self._guidance_lock:
+            if key in self._checked:
+                self._checked.move_to_end(key)
+                return
         try:
             self._guided_generator(guidance, sampling, {"max_length": 2, "batch_size": 1})
         except Exception as exc:  # onnxruntime-genai raises plain RuntimeErrors
             raise GuidanceError(str(exc).removeprefix("Error creating grammar: ")) from exc
+        with self._guidance_lock:
+            self._checked[key] = None
+            if len(self._checked) > GUIDANCE_CACHE:
+                self._checked.popitem(last=False)
 
     def _guided_generator(self, guidance: tuple[str, str], sampling: Sampling,
                           options: dict[str, Any]) -> Any:

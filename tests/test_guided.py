@@ -5,12 +5,16 @@ data; the rest on the real default model, the daemon as a subprocess, over its s
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from edgeagent.engine import Engine, GuidanceError, Sampling
+from edgeagent.planner import ModelMeta, plan
+from edgeagent.probe import probe
 from edgeagent.protocol import bounded, close_tool_list, parse_tool_envelope
-from edgeagent.settings import LimitsSettings
+from edgeagent.settings import LimitsSettings, RuntimeSettings
 from tests.conftest import DaemonProc
 
 CAPS = LimitsSettings()
@@ -182,3 +186,36 @@ def test_response_format_values_cannot_run_away(api_daemon: DaemonProc) -> None:
         choice = doc["choices"][0]
         assert choice["finish_reason"] == "stop", (response_format["type"], choice)
         assert isinstance(json.loads(choice["message"]["content"]), dict)
+
+
+@pytest.fixture(scope="module")
+def engine(default_model: Path) -> Engine:
+    the_plan = plan(probe(), ModelMeta.from_folder(default_model),
+                    RuntimeSettings(context_length=1024), LimitsSettings())
+    return Engine(default_model, the_plan)
+
+
+def test_a_grammar_is_compiled_once_for_its_admission(engine: Engine,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime-genai compiles a grammar for each generator; the admission check is
+    remembered per grammar, so a repeated schema builds no throw-away generator."""
+    built: list[Any] = []
+    real = engine._guided_generator
+
+    def counting(*args: Any) -> Any:
+        built.append(args[0])
+        return real(*args)
+
+    monkeypatch.setattr(engine, "_guided_generator", counting)
+    guidance = ("json_schema", json.dumps({"type": "object", "properties": {
+        "n": {"type": "integer"}}, "x-guidance": {"whitespace_flexible": False}}))
+    for _ in range(3):
+        engine.check_guidance(guidance, Sampling(max_tokens=5))
+    engine.check_guidance(guidance, Sampling(max_tokens=50))  # max_tokens is not the grammar's
+    assert len(built) == 1
+    engine.check_guidance(guidance, Sampling(temperature=0.7))  # another sampler: checked
+    assert len(built) == 2
+    for _ in range(2):  # a refusal is not remembered as an acceptance
+        with pytest.raises(GuidanceError):
+            engine.check_guidance(("json_schema", '{"type": "hiccup"}'), Sampling())
+    assert len(built) == 4
