@@ -274,10 +274,15 @@ class _Batch:
 
 def genai_overlay(plan: Plan) -> dict[str, Any]:
     """The plan as an onnxruntime-genai config overlay (``og.Config.overlay()``): threads and
-    the sequence length its KV cache is allocated for."""
+    the sequence length its KV cache is allocated for.
+
+    Idle intra-op threads sleep instead of spinning: a spinning pool burns a core between
+    operators, which doubled the CPU per token at 2 threads, and on a gateway shared with
+    other work it took the core the next operator needed (docs/engine-notes.md)."""
     return {
         "model": {
-            "decoder": {"session_options": {"intra_op_num_threads": plan.threads}},
+            "decoder": {"session_options": {"intra_op_num_threads": plan.threads,
+                                            "session.intra_op.allow_spinning": "0"}},
         },
         "search": {"max_length": plan.context_length},
     }

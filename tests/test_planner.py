@@ -467,7 +467,10 @@ def test_genai_overlay() -> None:
 
     p = plan(box(cores=2), SMOL, rt(), lim())
     assert genai_overlay(p) == {
-        "model": {"decoder": {"session_options": {"intra_op_num_threads": 2}}},
+        "model": {"decoder": {"session_options": {
+            "intra_op_num_threads": 2,
+            # idle intra-op threads sleep instead of spinning (docs/engine-notes.md)
+            "session.intra_op.allow_spinning": "0"}}},
         "search": {"max_length": 4096},
     }
 
