@@ -23,6 +23,17 @@ The sampling features (logprobs with 5 alternatives, frequency and presence pena
 are measured on the engine, each run alternated with the raw loop and the plain engine: the
 plain engine's ratio is their cost when unused (no logits leave the generator), each
 feature's ratio their cost when used.
+
+Long prompts and late arrivals (issue 13), each beside its baseline in the same run:
+decode at every prompt length after the first (engine vs raw loop at that context; 512 and
+2,048 by default); the time to first token of a ~1,000-token system prompt seen before
+(warm: the prefix cache) against one seen for the first time (cold), alternated; CPU ms per
+generated token with one intra-op thread, engine vs raw loop, alternated (process CPU time:
+the least noisy figure on a shared machine); on the socket daemon, the TTFT p95 of 4 clients
+sending at random intervals, against the idle TTFT. With ``--llama-python PY`` (a Python with
+llama-cpp-python, default /work/llama-venv/bin/python when it has it), llama.cpp's own
+figures on the same GGUF (scripts/compare_llama_cpp.py: its low-level decode loop, not its
+Python sampler) join the CPU rows as a third column.
 """
 
 from __future__ import annotations
@@ -163,6 +174,156 @@ def engine_run(engine: Engine, tokens: np.ndarray, n: int, **features: Any) -> R
     return Run(rate(count - 1, last - first), first - t0, rate(len(tokens), first - t0))
 
 
+# ---------------------------------------------------------------- issue 13 rows
+#: A system prompt of about 1,000 tokens: the instructions and tool notes that gateway
+#: requests repeat.
+SYSTEM = " ".join(
+    f"Rule {i}: when sensor {i} reads above its threshold, report the reading, the unit and "
+    f"the time, and suggest one action for the operator of line {i % 7}." for i in range(30))
+
+
+def cold(engine: Engine) -> None:
+    """Empty the engine's prefix cache, if it has one: a run that must prefill its prompt
+    (the raw loop's baseline) must not find it cached from the run before."""
+    cache = getattr(engine, "prefix_cache", None)
+    if cache is not None:
+        cache.clear()
+
+
+def prefix_block(engine: Engine, n: int, repeat: int) -> dict[str, Any]:
+    """TTFT of a ~1,000-token system prompt seen for the first time (cold: a new first line)
+    and seen before (warm: the same system prompt, a new question), alternated. Without a
+    prefix cache in the engine, warm is NaN (the row reads n/a)."""
+    cache = getattr(engine, "prefix_cache", None)
+    enabled = bool(cache is not None and cache.enabled)
+
+    def tokens(first_line: str, question: str) -> np.ndarray:
+        return engine.encode(engine.chat_prompt([
+            {"role": "system", "content": f"{first_line}\n{SYSTEM}"},
+            {"role": "user", "content": question}]))
+
+    cold_runs: list[Run] = []
+    warm_runs: list[Run] = []
+    if enabled:
+        engine_run(engine, tokens("Site A.", "Status?"), 2)  # the prompt warm runs find
+    for i in range(repeat):
+        cold_runs.append(engine_run(engine, tokens(f"Site {i + 100}.", "Status?"), n))
+        if enabled:
+            warm_runs.append(engine_run(engine, tokens("Site A.", f"Status of line {i}?"), n))
+    cold_ms = median([r.ttft_s for r in cold_runs]) * 1000
+    warm_ms = median([r.ttft_s for r in warm_runs]) * 1000 if enabled else math.nan
+    return {"prompt_tokens": len(tokens("Site A.", "Status?")), "cache": enabled,
+            "cold_ttft_ms": cold_ms, "warm_ttft_ms": warm_ms, "warm_vs_cold": warm_ms / cold_ms,
+            "cold_ttft_ms_runs": [r.ttft_s * 1000 for r in cold_runs],
+            "warm_ttft_ms_runs": [r.ttft_s * 1000 for r in warm_runs]}
+
+
+def cpu_ms_per_token(items: Any) -> float:
+    """Process CPU ms per token of a generation, from its first token to its last."""
+    start = 0.0
+    count = 0
+    for item in items:
+        if isinstance(item, Delta | int):
+            count += 1
+            if count == 1:
+                start = time.process_time()
+    return (time.process_time() - start) * 1000 / (count - 1) if count > 1 else math.nan
+
+
+def raw_tokens(raw: RawLoop, tokens: np.ndarray, n: int) -> Any:
+    """The raw loop's tokens one by one, greedy, the end of sequence blocked."""
+    params = og.GeneratorParams(raw.model)
+    params.set_search_options(max_length=len(tokens) + n, min_length=len(tokens) + n,
+                              do_sample=False)
+    gen = og.Generator(raw.model, params)
+    gen.append_tokens(tokens)
+    while not gen.is_done():
+        gen.generate_next_token()
+        yield int(gen.get_next_tokens()[0])
+
+
+def cpu_block(model_path: Path, context: int, tokens: np.ndarray, n: int,
+              repeat: int) -> dict[str, Any]:
+    """CPU ms per generated token with one intra-op thread: engine and raw loop alternated
+    (raw, engine, raw), each engine run against the mean of the raw runs around it."""
+    one = plan(probe(), ModelMeta.from_folder(model_path),
+               RuntimeSettings(threads=1, context_length=context), LimitsSettings())
+    engine, raw = Engine(model_path, one), RawLoop(model_path, one)
+    sampling = Sampling(max_tokens=n, ignore_eos=True)
+    cpu_ms_per_token(engine.generate(tokens, sampling))  # warm-up
+    raws, engines, ratios = [], [], []
+    before = cpu_ms_per_token(raw_tokens(raw, tokens, n))
+    for _ in range(repeat):
+        engines.append(cpu_ms_per_token(engine.generate(tokens, sampling)))
+        after = cpu_ms_per_token(raw_tokens(raw, tokens, n))
+        raws.append(after)
+        ratios.append(engines[-1] / ((before + after) / 2))
+        before = after
+    return {"raw_ms": median(raws), "engine_ms": median(engines), "vs_raw": median(ratios),
+            "vs_raw_runs": ratios, "threads": 1}
+
+
+def late_block(one: Callable[[str, int], Streamed], n: int, repeat: int,
+               clients: int = 4) -> dict[str, Any]:
+    """Time to first token when ``clients`` clients send at random intervals (not at once),
+    against the idle TTFT of the same request measured alone just before.
+
+    Each client waits a random time, uniform up to one idle request's duration, before each
+    of its ``repeat`` requests: most arrive while other requests are generating."""
+    idle = [one(SHORT, n) for _ in range(max(2, repeat))]
+    duration = median([s.run.ttft_s + s.tokens / s.run.decode_tps for s in idle])
+    rng = np.random.default_rng(13)
+    waits = rng.uniform(0, duration, size=(clients, repeat))
+
+    def client(i: int) -> list[float]:
+        ttfts = []
+        for wait in waits[i]:
+            time.sleep(wait)  # the workload: arrivals spread at random, not a synchronisation
+            ttfts.append(one(f"Tell story number {i}.", n).run.ttft_s)
+        return ttfts
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        ttfts = [t for got in pool.map(client, range(clients)) for t in got]
+    idle_ms = median([s.run.ttft_s for s in idle]) * 1000
+    p95_ms = percentile(ttfts, 95) * 1000
+    return {"clients": clients, "requests": len(ttfts), "idle_ttft_ms": idle_ms,
+            "ttft_p50_ms": median(ttfts) * 1000, "ttft_p95_ms": p95_ms,
+            "p95_vs_idle": p95_ms / idle_ms, "ttft_ms_runs": [t * 1000 for t in ttfts]}
+
+
+def llama_cpp_figures(python: Path | None, threads: int, contexts: list[int], n: int,
+                      repeat: int) -> dict[str, Any] | None:
+    """llama.cpp's figures from scripts/compare_llama_cpp.py run by ``python`` (a Python with
+    llama-cpp-python), or None when there is none: decode tok/s with ``threads`` threads
+    after prompts of ``contexts`` tokens, and CPU ms per token with one thread."""
+    from scripts.compare_llama_cpp import cached_gguf
+
+    gguf = cached_gguf()
+    if python is None or gguf is None:
+        return None
+    res = subprocess.run([str(python), str(REPO / "scripts" / "compare_llama_cpp.py"),
+                          "--llama-only", "--gguf", str(gguf),
+                          "--threads", str(threads), "--tokens", str(n),
+                          "--repeat", str(repeat),
+                          "--contexts", ",".join(str(c) for c in contexts)],
+                         capture_output=True, text=True, timeout=1800, cwd=REPO)
+    if res.returncode != 0:
+        print(f"llama.cpp column skipped: {res.stderr.strip()[-500:]}", file=sys.stderr)
+        return None
+    doc: dict[str, Any] = json.loads(res.stdout)
+    return doc
+
+
+def default_llama_python() -> Path | None:
+    """/work/llama-venv/bin/python when it can import llama_cpp."""
+    python = Path("/work/llama-venv/bin/python")
+    if not python.exists():
+        return None
+    res = subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True,
+                         timeout=60)
+    return python if res.returncode == 0 else None
+
+
 # ---------------------------------------------------------------- daemons
 #: The daemons' device id: their MQTT request topic is edgeagent/bench/request.
 DEVICE = "bench"
@@ -248,10 +409,15 @@ def mqtt_round_trip(broker: Broker, count: int) -> list[float]:
 def print_summary(results: dict[str, Any], rows: list[Row]) -> None:
     """The console table: every figure beside the raw loop's, with the ratio."""
     print(f"\nedgeagent bench: {results['machine']}")
-    print(f"{'metric':38} {'raw loop':>10} {'edgeagent':>10} {'ratio':>7}")
+    print(f"{'metric':38} {'raw loop':>10} {'edgeagent':>10} {'ratio':>7}"
+          f"{'  llama.cpp' if results.get('llama_cpp') else ''}")
+    llama = results.get("llama_cpp") or {}
     for name, base, ours, _ in rows:
         ratio = ours / base if base else float("nan")
-        print(f"{name:38} {base:10.1f} {ours:10.1f} {ratio:7.3f}")
+        line = f"{name:38} {base:10.1f} {ours:10.1f} {ratio:7.3f}"
+        if name in llama:
+            line += f" {llama[name]:10.1f}"
+        print(line.replace(" nan", " n/a"))
     if "socket" in results:
         s2, r = results["socket"], results["raw"]
         print(f"{'socket TTFT p50 - raw TTFT (ms)':38} "
@@ -614,6 +780,7 @@ def raw_block(raw: RawLoop, prompts: dict[int, tuple[str, np.ndarray]], n: int,
         for target, (_, tokens) in prompts.items():
             raw_runs[target].append(raw.run(tokens, n))
             if engine is not None:
+                cold(engine)  # prefill, as the raw loop does
                 eng_runs[target].append(engine_run(engine, tokens, n))
     return raw_runs, eng_runs
 
@@ -670,8 +837,11 @@ def measure(args: argparse.Namespace, model_path: Path) -> tuple[dict[str, Any],
     raw.run(short, 8)  # warm-up
     engine_run(engine, short, 8)
     raw_runs, eng_runs = raw_block(raw, prompts, n, repeat, engine)
+    prefix = prefix_block(engine, n, repeat)
     features = features_block(raw, engine, prompts[lengths[0]][1], n, repeat)
     del engine  # free the cores' caches for the daemons
+    gc.collect()
+    cpu = cpu_block(model_path, context, short, n, repeat)
     gc.collect()
     phases["raw_and_engine_s"] = time.perf_counter() - t
     lengths_doc = {"raw": by_length(raw_runs, prompt_tokens, raw_runs),
@@ -694,6 +864,21 @@ def measure(args: argparse.Namespace, model_path: Path) -> tuple[dict[str, Any],
          "engine"),
     ]
     results["features"] = features
+    results["prefix"], results["cpu_per_token"] = prefix, cpu
+    rows.append((f"TTFT ms, {prefix['prompt_tokens']}-token prefix cold/warm",
+                 prefix["cold_ttft_ms"], prefix["warm_ttft_ms"], "engine"))
+    for raw_at, eng_at in zip(r[1:], e[1:], strict=True):
+        rows.append((f"decode tok/s ({raw_at['prompt_tokens']} context)",
+                     raw_at["decode_tps"], eng_at["decode_tps"], "engine"))
+    rows.append(("CPU ms/token, 1 thread", cpu["raw_ms"], cpu["engine_ms"], "engine"))
+    contexts = [int(x["prompt_tokens"]) for x in r[1:]]
+    llama = llama_cpp_figures(args.llama_python, the_plan.threads, contexts, n, repeat)
+    if llama is not None:  # keyed by the rows they stand beside, and the whole document
+        results["llama_cpp"] = {
+            "CPU ms/token, 1 thread": llama["decode_cpu_ms"],
+            **{f"decode tok/s ({c} context)": llama["decode_tps_by_context"][str(c)]
+               for c in contexts},
+            "figures": llama}
     # raw: the feature's figure over its median ratio, so the ratio printed is that median
     rows.extend((f"decode tok/s, {name}", f["decode_tps"] / f["vs_raw"], f["decode_tps"],
                  "engine") for name, f in features.items())
@@ -741,6 +926,10 @@ def measure(args: argparse.Namespace, model_path: Path) -> tuple[dict[str, Any],
         with running_daemon(workdir, model_path, daemon_toml, name="socket",
                             device_id=DEVICE) as d:
             transport("socket", d, lambda content, k: socket_request(d, content, k))
+            late = late_block(lambda content, k: socket_request(d, content, k), n, repeat)
+            results["late_arrivals"] = late
+            rows.append((f"socket TTFT ms, idle / p95 {late['clients']} random",
+                         late["idle_ttft_ms"], late["ttft_p95_ms"], "socket"))
         phases["socket_s"] = time.perf_counter() - t
 
     if not args.no_mqtt:
@@ -798,6 +987,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--prompt-lengths", type=int_list, default=None, metavar="N,N",
                     help="prompt tokens, at most (default 32,512; 32,512,2048 with "
                     "--report); the first is the single-stream reference")
+    ap.add_argument("--llama-python", type=Path, default=None, metavar="PY",
+                    help="a Python with llama-cpp-python: llama.cpp's figures as a third "
+                    "column (default /work/llama-venv/bin/python when it has it)")
+    ap.add_argument("--no-llama", action="store_true", help="no llama.cpp column")
     ap.add_argument("--idle-seconds", type=float, default=None,
                     help="idle period for the daemon's idle CPU (default none; 10 with "
                     "--report, 5 with --report --quick)")
@@ -813,6 +1006,10 @@ def parse_args() -> argparse.Namespace:
         args.clients = [1, 2, 4, 8] if report else [4]
     if args.prompt_lengths is None:
         args.prompt_lengths = [32, 512, 2048] if report else [32, 512]
+    if args.llama_python is None and not args.no_llama:
+        args.llama_python = default_llama_python()
+    if args.no_llama:
+        args.llama_python = None
     if args.idle_seconds is None:
         args.idle_seconds = (5.0 if args.quick else 10.0) if report else 0.0
     return args

