@@ -4,8 +4,11 @@ It formats chats with the model's own chat template, batches sequences on
 ``og.Generator`` and samples token by token. The scheduler drives it from one thread;
 transports never touch it.
 
-Batching is static (docs/engine-notes.md): the sequences pending when a batch starts run
-together, up to ``capacity``; later ones wait for the next batch. A batch is one
+Batching is static within a batch (docs/engine-notes.md): the sequences pending together
+start together, up to ``capacity``. A sequence that arrives while batches run does not wait
+for them: it starts a batch of its own at once, and every step gives each running batch a
+step in turn (round robin), so its prefill and first token come within a step of each
+batch. A batch is one
 ``og.Generator`` whose rows are the prompts, left-padded with the pad token. Its search is
 greedy; a row that asks for more (temperature, top_p, top_k, seed, repetition, frequency
 or presence penalty, min_tokens) has its logits rewritten with NumPy before the step, so each
@@ -15,6 +18,11 @@ A guided request (JSON schema) runs alone under onnxruntime-genai's own sampler,
 applies the grammar. A prompt longer than
 ``plan.prefill_chunk`` runs alone too, fed one chunk per step: a prefill's memory is bounded
 by the chunk, and a cancel lands between chunks.
+
+With the prefix cache on (``plan.prefix_cache_bytes``, edgeagent/prefix_cache.py), a
+sequence that runs alone gets a generator for the whole context: when it ends, the
+generator goes to the cache with its KV, and a later prompt sharing a long prefix with it
+runs on it, alone, from the end of that prefix.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import structlog
 
 from edgeagent.manifest import read_genai_config
 from edgeagent.planner import Plan
+from edgeagent.prefix_cache import PrefixCache
 
 log = structlog.get_logger(__name__)
 
@@ -113,6 +122,8 @@ class Finish:
     tail: str = ""
     error: str = ""
     index: int = 0  # the choice it ends
+    #: Prompt tokens whose KV came from the prefix cache (not prefilled again).
+    cached_tokens: int = 0
 
 
 class Plain(str):
@@ -228,6 +239,7 @@ class Sequence:
     written: list[str] = field(default_factory=list)  # the text, kept for a closer only
     cancel_requested: bool = False
     finished: bool = False
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
 
     @property
     def prompt_tokens(self) -> int:
@@ -255,6 +267,10 @@ class _Batch:
     #: The search blocks EOS itself (min_length): every row has the same min_new.
     native_min: bool = False
     fed: int = 0
+    #: Its generator goes to the prefix cache when it ends (one row, the whole context).
+    cacheable: bool = False
+    #: A token was generated: the last one in the generator has no KV yet.
+    generated: bool = False
 
     @property
     def prefilling(self) -> bool:
@@ -264,12 +280,26 @@ class _Batch:
     def done(self) -> bool:
         return all(seq.finished for seq in self.rows)
 
-    def feed(self) -> None:
+    def feed(self) -> int:
         """Append the next chunk of the prompt (all of it for a batch of several rows:
-        onnxruntime-genai appends once when batch_size > 1)."""
-        end = self.prompt.shape[1] if len(self.rows) > 1 else self.fed + self.chunk
-        self.generator.append_tokens(np.ascontiguousarray(self.prompt[:, self.fed:end]))
-        self.fed = min(end, self.prompt.shape[1])
+        onnxruntime-genai appends once when batch_size > 1); returns the prompt tokens it
+        prefilled (padding aside)."""
+        if len(self.rows) > 1:
+            self.generator.append_tokens(self.prompt)
+            self.fed = int(self.prompt.shape[1])
+            return sum(seq.prompt_tokens for seq in self.rows)
+        start, width = self.fed, int(self.prompt.shape[1])
+        end = min(start + self.chunk, width)
+        if width - end == 1:
+            end -= 1  # a last chunk of one token would take the decode path (prefix_cache.py)
+        self.generator.append_tokens(np.ascontiguousarray(self.prompt[:, start:end]))
+        self.fed = end
+        return end - start
+
+    def cached_tokens(self) -> np.ndarray:
+        """The tokens whose KV its (one-row) generator holds."""
+        tokens = np.asarray(self.generator.get_sequence(0), dtype=np.int32)
+        return tokens[:-1] if self.generated else tokens
 
 
 def genai_overlay(plan: Plan) -> dict[str, Any]:
@@ -310,7 +340,10 @@ class Engine:
         self.vocab_size = int(genai.get("vocab_size") or 0)
         self._control = _control_pattern(model_path)
         self._pending: list[Sequence] = []
-        self._batch: _Batch | None = None
+        self._batches: list[_Batch] = []  # running, stepped in turn
+        self.prefix_cache = PrefixCache(plan.prefix_cache_bytes, plan.prefix_cache_entry_bytes)
+        #: Prompt tokens run through the model (a cached prefix is not counted again).
+        self.prefilled_tokens = 0
         self._token_texts: dict[int, str] = {}  # bounded by the vocabulary
         # Guided generators are built on the transports' threads too (check_guidance): the
         # lock keeps onnxruntime-genai's grammar set-up to one thread at a time. The first
@@ -433,8 +466,8 @@ class Engine:
 
     @property
     def active(self) -> int:
-        """Sequences started and not finished: pending, or in the running batch."""
-        running = sum(not seq.finished for seq in self._batch.rows) if self._batch else 0
+        """Sequences started and not finished: pending, or in a running batch."""
+        running = sum(not seq.finished for batch in self._batches for seq in batch.rows)
         return len(self._pending) + running
 
     def start(
@@ -443,7 +476,7 @@ class Engine:
         sampling: Sampling,
         guidance: tuple[str, str] | None = None,
     ) -> Sequence:
-        """Queue a sequence for the next batch; its tokens come out of ``step()``."""
+        """Queue a sequence; it starts at the next ``step()``, where its tokens come out."""
         prompt = np.asarray(prompt_tokens, dtype=np.int32).reshape(-1)
         room = self.plan.context_length - len(prompt)
         if len(prompt) == 0 or room < 1:
@@ -463,48 +496,57 @@ class Engine:
         seq.cancel_requested = True
 
     def holds(self, seq: Sequence) -> bool:
-        """Whether ``seq`` is pending or in the running batch (its Finish still to come)."""
-        in_batch = self._batch is not None and seq in self._batch.rows
+        """Whether ``seq`` is pending or in a running batch (its Finish still to come)."""
+        in_batch = any(seq in batch.rows for batch in self._batches)
         return not seq.finished and (in_batch or seq in self._pending)
 
     def step(self) -> list[Event]:
-        """One step: a prefill chunk, or a token for every live sequence of the batch.
+        """One step of every running batch in turn: a prefill chunk, or a token for each of
+        its live sequences. The sequences pending start first, as batches of their own.
 
         A batch that cannot be formed or stepped (a grammar onnxruntime-genai refuses, a
         failing run) finishes its own sequences with "error"; the others are untouched.
         """
         out: list[Event] = []
         self._reap_cancelled(out)
-        if self._batch is None:
-            if not self._pending:
-                return out
+        while self._pending:
             rows = self._next_rows()
             for seq in rows:
                 self._pending.remove(seq)
             try:
-                self._batch = self._form_batch(rows)
+                self._batches.append(self._form_batch(rows))
             except Exception as exc:
-                return out + self._fail(rows, "could not start a batch", exc)
-        batch = self._batch
-        try:
-            self._step_batch(batch, out)
-        except Exception as exc:
-            self._batch = None  # frees the generator and its KV cache
-            return out + self._fail(batch.rows, "a batch step failed", exc)
-        if batch.done or batch.generator.is_done():
-            out.extend((seq, self._finish(seq, "stop")) for seq in batch.rows if not seq.finished)
-            self._batch = None
+                out.extend(self._fail(rows, "could not start a batch", exc))
+        for batch in list(self._batches):
+            try:
+                self._step_batch(batch, out)
+            except Exception as exc:
+                self._batches.remove(batch)  # frees the generator and its KV cache
+                out.extend(self._fail(batch.rows, "a batch step failed", exc))
+                continue
+            if batch.done or batch.generator.is_done():
+                out.extend((seq, self._finish(seq, "stop"))
+                           for seq in batch.rows if not seq.finished)
+                self._retire(batch)
         return out
+
+    def _retire(self, batch: _Batch) -> None:
+        """Drop a batch whose rows have all finished; a cacheable generator goes to the
+        prefix cache with the KV of its prompt and answer."""
+        self._batches.remove(batch)
+        if batch.cacheable:
+            self.prefix_cache.put(batch.cached_tokens(), batch.generator)
 
     def _step_batch(self, batch: _Batch, out: list[Event]) -> None:
         """Feed a prefill chunk or generate a token; events go to ``out`` as they come, so
         none is lost if a later row fails."""
         if batch.prefilling:
-            batch.feed()
+            self.prefilled_tokens += batch.feed()
             if batch.prefilling:
                 return  # the next chunk comes with the next step
         dists = self._rewrite_logits(batch)
         batch.generator.generate_next_token()
+        batch.generated = True
         tokens = batch.generator.get_next_tokens()
         for row, seq in enumerate(batch.rows):
             if not seq.finished:
@@ -519,32 +561,37 @@ class Engine:
         for seq in [s for s in self._pending if s.cancel_requested]:
             self._pending.remove(seq)
             out.append((seq, self._finish(seq, "cancelled")))
-        if self._batch is not None:
-            for seq in self._batch.rows:
+        for batch in list(self._batches):
+            for seq in batch.rows:
                 if seq.cancel_requested and not seq.finished:
                     out.append((seq, self._finish(seq, "cancelled")))
-            if self._batch.done:
-                self._batch = None
+            if batch.done:
+                self._retire(batch)
+
+    def _runs_alone(self, seq: Sequence) -> bool:
+        """Guided, longer than a prefill chunk, or starting with a cached prompt."""
+        return (seq.guidance is not None or len(seq.prompt) > self.plan.prefill_chunk
+                or self.prefix_cache.hits(seq.prompt))
 
     def _next_rows(self) -> list[Sequence]:
         """The oldest pending sequence, and those that can share its batch."""
-        chunk = self.plan.prefill_chunk
         first = self._pending[0]
         rows = [first]
         width, longest = len(first.prompt), first.max_new
-        if first.guidance is None and len(first.prompt) <= chunk:
+        if not self._runs_alone(first):
             for seq in self._pending[1:]:
                 if len(rows) >= self.capacity:
                     break
                 w, n = max(width, len(seq.prompt)), max(longest, seq.max_new)
-                if seq.guidance is None and len(seq.prompt) <= chunk and (
-                        w + n <= self.plan.context_length):
+                if not self._runs_alone(seq) and w + n <= self.plan.context_length:
                     rows.append(seq)
                     width, longest = w, n
         return rows
 
     def _form_batch(self, rows: list[Sequence]) -> _Batch:
         """A generator for ``rows``, their prompts left-padded to the longest."""
+        if len(rows) == 1 and rows[0].guidance is None and self.prefix_cache.enabled:
+            return self._cacheable_batch(rows[0])
         width = max(len(seq.prompt) for seq in rows)
         longest = max(seq.max_new for seq in rows)
         prompt = np.full((len(rows), width), self.pad_id, dtype=np.int32)
@@ -567,6 +614,22 @@ class Engine:
             params.set_search_options(**options)
             generator = og.Generator(self.model, params)
         return _Batch(generator, rows, prompt, self.plan.prefill_chunk, native_min)
+
+    def _cacheable_batch(self, seq: Sequence) -> _Batch:
+        """A one-row batch on a cached generator sharing a prefix with ``seq``'s prompt
+        (rewound to it: only the rest is prefilled), or on a new one for the whole context
+        (its search options must suit any later prompt: greedy, no min_length; EOS is
+        masked by the logits rewrite instead)."""
+        hit = self.prefix_cache.take(seq.prompt)
+        if hit is not None:
+            generator, seq.cached_tokens = hit.generator, hit.reused
+        else:
+            params = og.GeneratorParams(self.model)
+            params.set_search_options(max_length=self.plan.context_length, batch_size=1,
+                                      do_sample=False)
+            generator = og.Generator(self.model, params)
+        return _Batch(generator, [seq], seq.prompt[None, :], self.plan.prefill_chunk,
+                      fed=seq.cached_tokens, cacheable=True)
 
     def _rewrite_logits(self, batch: _Batch) -> dict[int, np.ndarray]:
         """Apply each row's own sampling: penalties and EOS masks, then the draw. Returns
@@ -661,7 +724,8 @@ class Engine:
         seq.finished = True
         tail = "" if stopped_by_string or reason == "cancelled" else seq.stops.flush()
         tail += closing
-        return Finish(reason, seq.prompt_tokens, len(seq.produced), seq.produced, tail, error)
+        return Finish(reason, seq.prompt_tokens, len(seq.produced), seq.produced, tail, error,
+                      cached_tokens=seq.cached_tokens)
 
     def generate(
         self,

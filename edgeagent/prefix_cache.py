@@ -26,6 +26,11 @@ import numpy as np
 #: A shorter match is not worth its entry: taking it would replace a long cached prompt
 #: (another client's system prompt) with this one for the saving of a few tokens.
 MIN_PREFIX_TOKENS = 32
+#: Prompt tokens always fed again, however much is cached. Appending one token alone takes
+#: onnxruntime's decode path (MatMulNBits with one row), whose logits differ from the
+#: prompt path's by up to ~0.8 here; from two tokens on, a rewound generator's logits are
+#: bit-identical to a fresh prefill's, so an answer does not depend on the cache.
+REFEED_TOKENS = 2
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -72,12 +77,11 @@ class PrefixCache:
 
     def _best(self, prompt: np.ndarray) -> tuple[_Entry | None, int]:
         """The entry sharing the longest prefix with ``prompt``, and how many tokens it
-        can reuse: at most all but the prompt's last token, whose logits the next token
-        needs (a prompt cached whole is appended again from its last token)."""
+        can reuse: all but the prompt's last REFEED_TOKENS at most."""
         best: _Entry | None = None
         reused = 0
         for entry in self._entries:
-            n = min(common_prefix(entry.tokens, prompt), len(prompt) - 1)
+            n = min(common_prefix(entry.tokens, prompt), len(prompt) - REFEED_TOKENS)
             if n > reused:
                 best, reused = entry, n
         return (best, reused) if reused >= MIN_PREFIX_TOKENS else (None, 0)

@@ -196,9 +196,10 @@ def test_a_failing_step_finishes_only_its_batch(engine: Engine) -> None:
     short = engine.encode(engine.chat_prompt(MESSAGES))
     doomed = engine.start(long, Sampling(max_tokens=4))
     others = [engine.start(short, Sampling(max_tokens=4, ignore_eos=True)) for _ in range(2)]
-    assert engine.step() == []  # the long prompt's first chunk
-    batch = engine._batch
-    assert batch is not None and batch.rows == [doomed]
+    # The long prompt's first chunk; the short ones start beside it, as a batch of their own.
+    assert {id(seq) for seq, _ in engine.step()} == {id(s) for s in others}
+    batch = engine._batches[0]
+    assert batch.rows == [doomed]
     batch.generator = _FailingGenerator(batch.generator)
     done = _finish_all(engine)
     assert done[id(doomed)].reason == "error"

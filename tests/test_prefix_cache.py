@@ -1,0 +1,157 @@
+"""The prompt (prefix) cache: its plan, and the real model in process answering the same
+with and without it while prefilling only the new tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edgeagent.engine import Delta, Engine, Finish, Sampling
+from edgeagent.planner import GB, MB, ModelMeta, PlanError, plan
+from edgeagent.prefix_cache import common_prefix
+from edgeagent.probe import Hardware, probe
+from edgeagent.settings import LimitsSettings, RuntimeSettings
+
+SMOL = ModelMeta(name="smollm2-135m", num_hidden_layers=30, num_key_value_heads=3,
+                 head_size=64, vocab_size=49152, max_context=8192, weights_bytes=86 * MB,
+                 num_attention_heads=9, last_logits_only=True)
+CONTEXT = 2048
+ENTRY = SMOL.kv_bytes_per_token * CONTEXT  # one cached prompt: a full-context KV cache
+
+
+def box(available: int) -> Hardware:
+    return Hardware(mem_total_bytes=16 * GB, mem_available_bytes=available, logical_cpus=2,
+                    physical_cores=2, topology_known=True, affinity=(0, 1))
+
+
+# ----------------------------------------------------------------------------- the plan
+
+def test_auto_cache_takes_whole_entries_beside_the_full_batch_at_full_context() -> None:
+    p = plan(box(8 * GB), SMOL, RuntimeSettings(context_length=CONTEXT), LimitsSettings())
+    assert p.prefix_cache_entries == p.max_batch == 4
+    assert p.prefix_cache_bytes == 4 * ENTRY
+    assert p.kv_bytes == SMOL.kv_bytes_per_token * CONTEXT * p.max_batch  # not shrunk
+    assert p.total_bytes <= p.available_bytes
+    assert "prefix cache" in p.describe() and "auto: 4 x" in p.reasons["prefix_cache"]
+
+
+def test_auto_cache_is_off_when_half_the_spare_memory_holds_no_entry() -> None:
+    # Just enough for one sequence at 2048 tokens: nothing spare for a cached prompt.
+    tight = plan(box(86 * MB + 256 * MB + 150 * MB), SMOL,
+                 RuntimeSettings(context_length=CONTEXT), LimitsSettings())
+    assert tight.max_batch >= 1 and tight.prefix_cache_bytes == 0
+    assert tight.reasons["prefix_cache"].startswith("auto: off")
+    assert tight.total_bytes <= tight.available_bytes
+
+
+def test_an_explicit_cache_is_reserved_before_the_batch_is_sized() -> None:
+    runtime = {"context_length": CONTEXT}
+    hw = box(86 * MB + 256 * MB + 650 * MB)
+    without = plan(hw, SMOL, RuntimeSettings(**runtime, prefix_cache_mb=0), LimitsSettings())
+    with_cache = plan(hw, SMOL, RuntimeSettings(**runtime, prefix_cache_mb=400),
+                      LimitsSettings())
+    assert without.prefix_cache_bytes == 0
+    assert with_cache.prefix_cache_entries == 400 * MB // ENTRY == 4
+    assert with_cache.max_batch < without.max_batch  # the batch shrank to make room
+    assert with_cache.context_length == CONTEXT  # a full-context prompt still fits
+    assert with_cache.total_bytes <= with_cache.available_bytes
+
+
+def test_an_explicit_cache_below_one_entry_is_refused_with_its_numbers() -> None:
+    with pytest.raises(PlanError) as err:
+        plan(box(8 * GB), SMOL, RuntimeSettings(context_length=CONTEXT, prefix_cache_mb=50),
+             LimitsSettings())
+    assert "runtime.prefix_cache_mb=50 holds no prompt" in str(err.value)
+    assert "2048-token KV cache, 90 MB" in str(err.value)
+
+
+# ------------------------------------------------------------------- the real model
+
+def engine_with(default_model: Path, cache_mb: int) -> Engine:
+    runtime = RuntimeSettings(context_length=CONTEXT, max_batch=2, prefix_cache_mb=cache_mb)
+    return Engine(default_model, plan(probe(), ModelMeta.from_folder(default_model), runtime,
+                                      LimitsSettings()))
+
+
+@pytest.fixture(scope="module")
+def cached(default_model: Path) -> Engine:
+    return engine_with(default_model, 2 * (ENTRY // MB + 1))  # two entries
+
+
+@pytest.fixture(scope="module")
+def uncached(default_model: Path) -> Engine:
+    return engine_with(default_model, 0)
+
+
+def system_prompt(topic: str, sensors: int = 40) -> str:
+    """Gateway instructions: sensors and what to do with them (40: about 1,000 tokens)."""
+    lines = [f"You are the {topic} assistant of an industrial gateway. Sensors:"]
+    for i in range(sensors):
+        lines.append(f"- sensor {topic}-{i}: temperature probe on line {i % 7}, range "
+                     f"{-20 + i} to {80 + 3 * i} C, alarm above {60 + i} C, report hourly.")
+    return "\n".join(lines)
+
+
+def run(engine: Engine, prompt: np.ndarray, max_tokens: int = 24) -> tuple[list[int], Finish,
+                                                                           int]:
+    """Greedy tokens, the Finish and the prompt tokens the engine prefilled for them."""
+    before = engine.prefilled_tokens
+    items = list(engine.generate(prompt, Sampling(max_tokens=max_tokens)))
+    fin = items[-1]
+    assert isinstance(fin, Finish) and fin.reason in ("stop", "length"), fin
+    return [i.token for i in items if isinstance(i, Delta)], fin, engine.prefilled_tokens - before
+
+
+def chat(engine: Engine, system: str, *turns: Any) -> np.ndarray:
+    messages = [{"role": "system", "content": system}]
+    for i, text in enumerate(turns):
+        messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": text})
+    return engine.chat_tokens(messages)
+
+
+def test_a_repeated_system_prompt_prefills_only_the_new_tokens(
+        cached: Engine, uncached: Engine) -> None:
+    system = system_prompt("boiler")
+    first = chat(cached, system, "Which sensors alarm above 70 C?")
+    second = chat(cached, system, "Summarize line 3 in one sentence.")
+    assert len(first) > 900
+    shared = common_prefix(first, second)
+    run(cached, first)
+    tokens, fin, prefilled = run(cached, second)
+    assert prefilled == len(second) - shared  # the system prompt came from the cache
+    assert fin.cached_tokens == shared
+    plain, _, prefilled_plain = run(uncached, second)
+    assert tokens == plain  # the same greedy answer
+    assert prefilled_plain == len(second)  # without the cache, the whole prompt again
+
+
+def test_a_chat_turn_costs_its_new_tokens_only(cached: Engine, uncached: Engine) -> None:
+    system = system_prompt("chiller", sensors=8)
+    turns: list[str] = []
+    previous = 0  # the tokens the last turn left in the cache: its prompt and answer
+    for i in range(10):
+        turns.append(f"What is the alarm level of sensor chiller-{i}?")
+        prompt = chat(cached, system, *turns)
+        tokens, fin, prefilled = run(cached, prompt, max_tokens=16)
+        if previous:
+            # The new turn's own tokens, and at most the last answer token (generated but
+            # never fed back, so it has no KV yet).
+            assert prefilled <= len(prompt) - previous + 1, (prefilled, len(prompt), previous)
+        assert tokens == run(uncached, prompt, max_tokens=16)[0]
+        previous = len(prompt) + fin.completion_tokens
+        turns.append(cached.tokenizer.decode(np.asarray(tokens, dtype=np.int32)))
+
+
+def test_the_least_recently_used_prompt_goes_first(cached: Engine) -> None:
+    assert cached.prefix_cache.capacity == 2
+    prompts = {topic: chat(cached, system_prompt(topic, sensors=8), "Any alarms?")
+               for topic in ("pump", "valve", "fan")}
+    for topic in ("pump", "valve", "fan"):  # the pump's entry is evicted by the fan's
+        run(cached, prompts[topic])
+    assert cached.prefix_cache.entries == 2
+    assert cached.prefix_cache.bytes == 2 * cached.plan.prefix_cache_entry_bytes
+    assert run(cached, prompts["fan"])[1].cached_tokens > 200
+    assert run(cached, prompts["pump"])[1].cached_tokens == 0
