@@ -45,11 +45,20 @@ class FiguresCollector(Collector):
                                 value=snap["active_sequences"])
         yield GaugeMetricFamily("edgeagent_batch_capacity", "Sequences generated at once",
                                 value=snap["capacity"])
+        yield GaugeMetricFamily("edgeagent_prefix_cache_entries",
+                                "Prompts held by the prefix cache",
+                                value=snap["prefix_cache_entries"])
+        yield GaugeMetricFamily("edgeagent_prefix_cache_bytes",
+                                "Memory the prefix cache holds (KV caches of idle generators)",
+                                value=snap["prefix_cache_bytes"])
         for key, help_ in (("submitted", "Requests admitted"),
                            ("completed", "Requests finished"),
                            ("cancelled", "Requests cancelled"),
                            ("prompt_tokens", "Prompt tokens processed"),
-                           ("generated_tokens", "Tokens generated")):
+                           ("generated_tokens", "Tokens generated"),
+                           ("prefix_cache_hits", "Requests started from the prefix cache"),
+                           ("prefix_cache_tokens_saved",
+                            "Prompt tokens the prefix cache spared prefilling")):
             yield CounterMetricFamily(f"edgeagent_{key}", help_, value=snap[key])
         rejected = CounterMetricFamily("edgeagent_rejected", "Requests refused at admission",
                                        labels=["reason"])

@@ -14,6 +14,9 @@ job leaves the batch within one token step.
 
 A job asking for ``n`` choices runs as ``n`` sequences of one batch sharing the prompt; each
 counts against the capacity and the queue, and its items carry their choice's ``index``.
+
+A job admitted while others run starts at the engine's next step, beside them (the engine
+steps its batches in turn): it waits for a free sequence slot, never for a batch to end.
 """
 
 from __future__ import annotations
@@ -153,6 +156,9 @@ class Stats:
         default_factory=lambda: collections.deque(maxlen=1024)
     )
     decode_tps: float = 0.0  # exponential moving average of per-job decode tokens/s
+    #: Sequences that started from the prefix cache, and the prompt tokens it spared them.
+    prefix_cache_hits: int = 0
+    prefix_cache_tokens_saved: int = 0
 
 
 class Scheduler:
@@ -361,9 +367,9 @@ class Scheduler:
     def _gather(self) -> None:
         """From idle, wait a moment (``runtime.batch_window_ms``) for more arrivals.
 
-        Batches are static: sequences that arrive while a batch runs wait for the next
-        one, so requests that come together should start together; independent clients
-        send theirs tens of milliseconds apart. It waits only until as many jobs are queued
+        Requests that start together share a batch, which costs less per token than the
+        batches of their own that later arrivals get; independent clients send theirs tens
+        of milliseconds apart. It waits only until as many jobs are queued
         as were in the system at once lately (the active clients): a lone client's
         requests start at once.
         """
@@ -495,6 +501,9 @@ class Scheduler:
         self.drain_rate.finished(job.submitted)
         self.stats.prompt_tokens += fin.prompt_tokens
         self.stats.generated_tokens += fin.completion_tokens
+        if fin.cached_tokens:
+            self.stats.prefix_cache_hits += 1
+            self.stats.prefix_cache_tokens_saved += fin.cached_tokens
         if fin.reason == "cancelled":
             self.stats.cancelled += 1
         else:
@@ -570,4 +579,8 @@ class Scheduler:
             "decode_tokens_per_s": round(self.stats.decode_tps, 2),
             "ttft_p50_s": pct(0.5),
             "ttft_p95_s": pct(0.95),
+            "prefix_cache_hits": self.stats.prefix_cache_hits,
+            "prefix_cache_tokens_saved": self.stats.prefix_cache_tokens_saved,
+            "prefix_cache_entries": self._engine.prefix_cache.entries,
+            "prefix_cache_bytes": self._engine.prefix_cache.bytes,
         }

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from edgeagent.engine import Delta, Engine, Finish, Sampling
 from edgeagent.planner import GB, MB, ModelMeta, PlanError, plan
@@ -155,3 +156,27 @@ def test_the_least_recently_used_prompt_goes_first(cached: Engine) -> None:
     assert cached.prefix_cache.bytes == 2 * cached.plan.prefix_cache_entry_bytes
     assert run(cached, prompts["fan"])[1].cached_tokens > 200
     assert run(cached, prompts["pump"])[1].cached_tokens == 0
+
+
+def test_metrics_and_health_report_hits_tokens_saved_and_bytes_held(
+        start_daemon: Any) -> None:
+    d = start_daemon(extra_toml=f"[runtime]\ncontext_length = {CONTEXT}\n")
+    d.wait_ready()
+    system = system_prompt("compressor", sensors=12)
+    with d.client() as http:
+        for question in ("Any alarms?", "Which line is sensor compressor-3 on?"):
+            r = http.post("/v1/chat/completions", json={
+                "messages": [{"role": "system", "content": system},
+                             {"role": "user", "content": question}], "max_tokens": 4})
+            assert r.status_code == 200, r.text
+        families = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+        serving = http.get("/health").json()["serving"]
+
+    def value(name: str) -> float:
+        return float(families[name].samples[0].value)
+
+    assert value("edgeagent_prefix_cache_hits") == 1
+    assert value("edgeagent_prefix_cache_tokens_saved") > 300  # the system prompt, once
+    assert value("edgeagent_prefix_cache_entries") == 1
+    assert value("edgeagent_prefix_cache_bytes") == ENTRY
+    assert (serving["prefix_cache_hits"], serving["prefix_cache_bytes"]) == (1, ENTRY)

@@ -14,6 +14,7 @@ import numpy as np
 
 from edgeagent.engine import Delta, Finish, Sampling, Sequence, StopMatcher
 from edgeagent.planner import Plan
+from edgeagent.prefix_cache import PrefixCache
 from edgeagent.scheduler import Item, JobError
 
 #: A guidance the fake engine drops without a Finish, as the engine once did.
@@ -49,6 +50,7 @@ class FakeEngine:
         self.name = name
         self.base = base
         self.capacity = max(1, self.plan.max_batch)
+        self.prefix_cache = PrefixCache(0, 0)  # off: the fake has no KV to keep
         self.held: list[Sequence] = []
         self.gate = threading.Event()
         self.gate.set()
