@@ -26,14 +26,29 @@ def test_quick_report_writes_its_files(default_model: Path, tmp_path: Path) -> N
         [sys.executable, "scripts/bench.py", "--report", str(out), "--quick",
          "--model", str(default_model), "--repeat", "1", "--tokens", "8",
          "--clients", ",".join(map(str, CLIENTS)),
-         "--prompt-lengths", ",".join(map(str, LENGTHS)), "--idle-seconds", "1"],
+         "--prompt-lengths", ",".join(map(str, LENGTHS)), "--idle-seconds", "1",
+         "--no-llama"],
         capture_output=True, text=True, timeout=300, cwd=REPO)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     # The classic ratios still print with --report.
     assert "decode tok/s (1 stream)" in res.stdout
     assert "socket 2 clients aggregate tok/s" in res.stdout
+    # Issue 13's rows, each beside its baseline: decode at the longer prompt's context,
+    # a long prefix cold vs warm, CPU per token with one thread, late arrivals vs idle.
+    for row in ("context)", "-token prefix cold/warm", "CPU ms/token, 1 thread",
+                "socket TTFT ms, idle / p95 4 random"):
+        assert row in res.stdout, row
 
     doc = json.loads((out / "bench.json").read_text())
+    assert {"prompt_tokens", "cache", "cold_ttft_ms", "warm_ttft_ms",
+            "warm_vs_cold"} <= doc["prefix"].keys()
+    assert doc["prefix"]["prompt_tokens"] > 900  # the ~1,000-token system prompt
+    assert {"raw_ms", "engine_ms", "vs_raw", "threads"} <= doc["cpu_per_token"].keys()
+    assert doc["cpu_per_token"]["threads"] == 1
+    late = doc["late_arrivals"]
+    assert late["clients"] == 4 and late["requests"] == 4  # one each with --repeat 1
+    assert {"idle_ttft_ms", "ttft_p50_ms", "ttft_p95_ms", "p95_vs_idle"} <= late.keys()
+    assert "llama_cpp" not in doc  # --no-llama
     assert {"date", "machine", "settings", "raw", "engine", "socket", "mqtt",
             "raw_single_stream_tps", "prompt_lengths", "concurrency", "daemon", "rows",
             "runtime_s"} <= doc.keys()
