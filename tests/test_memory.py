@@ -40,7 +40,10 @@ def _chat(client: httpx.Client, content: str, max_tokens: int) -> dict[str, Any]
 def test_long_prompt_peak_rss_is_its_kv_cache(start_daemon: Any, default_model: Path) -> None:
     meta = ModelMeta.from_folder(default_model)
     assert meta.last_logits_only, "the default model is built with a pruned LM head"
-    d: DaemonProc = start_daemon(extra_toml="[runtime]\ncontext_length = 4096\nmax_batch = 1\n")
+    # The prefill alone: without the prefix cache, whose generators hold the whole context
+    # (its memory is tests/test_prefix_cache.py's).
+    d: DaemonProc = start_daemon(extra_toml="[runtime]\ncontext_length = 4096\nmax_batch = 1\n"
+                                 "prefix_cache_mb = 0\n")
     d.wait_ready()
     pid = d.proc.pid
     with httpx.Client(transport=httpx.HTTPTransport(uds=str(d.socket_path)),

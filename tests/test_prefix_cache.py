@@ -180,3 +180,36 @@ def test_metrics_and_health_report_hits_tokens_saved_and_bytes_held(
     assert value("edgeagent_prefix_cache_entries") == 1
     assert value("edgeagent_prefix_cache_bytes") == ENTRY
     assert (serving["prefix_cache_hits"], serving["prefix_cache_bytes"]) == (1, ENTRY)
+
+
+def _status_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {key} in /proc/{pid}/status")
+
+
+def test_with_the_cache_full_a_long_prompt_stays_within_the_plan(start_daemon: Any) -> None:
+    """Peak RSS over idle, with two cached prompts then a 1,750-token one, is no more than
+    the plan's KV cache, prefill memory and prefix cache (+ 48 MB for onnxruntime's arenas
+    and the tokenizer's first use): the cache holds no more than its budget beside it."""
+    d = start_daemon(extra_toml=f"[runtime]\ncontext_length = {CONTEXT}\nmax_batch = 1\n"
+                                f"prefix_cache_mb = {2 * (ENTRY // MB + 1)}\n")
+    d.wait_ready()
+    pid = d.proc.pid
+    idle = _status_kb(pid, "VmRSS") * 1024
+    with d.client() as http:
+        p = http.get("/health").json()["plan"]
+        for topic in ("pump", "valve", "fan", "long"):  # three prompts for two entries
+            content = "word " * 1450 if topic == "long" else "Any alarms?"
+            r = http.post("/v1/chat/completions", json={
+                "messages": [{"role": "system", "content": system_prompt(topic, sensors=8)},
+                             {"role": "user", "content": content}], "max_tokens": 4})
+            assert r.status_code == 200, r.text
+        serving = http.get("/health").json()["serving"]
+    peak = _status_kb(pid, "VmHWM") * 1024
+    assert p["prefix_cache_bytes"] == 2 * ENTRY
+    assert (serving["prefix_cache_entries"], serving["prefix_cache_bytes"]) == (2, 2 * ENTRY)
+    budget = p["kv_bytes"] + p["logits_bytes"] + p["attention_bytes"] + p["prefix_cache_bytes"]
+    print(f"peak over idle {(peak - idle) / MB:.0f} MB, plan {budget / MB:.0f} MB")
+    assert peak - idle <= budget + 48 * MB
