@@ -401,10 +401,16 @@ def test_fleet_pushes_over_mqtt(start_daemon: Any, tmp_path: Path) -> None:
                 marker = f"sentinel-{sentinels}"
                 r.publish(topics[layer], payload, response=False, retain=retain)
                 r.publish(topics[layer], json.dumps({marker: 1}), response=False)
-                reports = []
+                reports: list[dict[str, Any]] = []
                 while True:
                     topic, report, _ = r.get(120)
                     if topic != "edgeagent/test-d/config/reported":
+                        continue
+                    # A retained push is delivered again when the daemon reconnects (the
+                    # broker dropped it on a loaded host) and reported again: the same report.
+                    same = {k: v for k, v in report.items() if k not in ("ts", "hash")}
+                    if any(same == {k: v for k, v in old.items() if k not in ("ts", "hash")}
+                           for old in reports):
                         continue
                     reports.append(report)
                     if f"{marker}: unknown field" in report.get("errors", []):
