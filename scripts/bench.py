@@ -245,11 +245,15 @@ def raw_tokens(raw: RawLoop, tokens: np.ndarray, n: int) -> Any:
 def cpu_block(model_path: Path, context: int, tokens: np.ndarray, n: int,
               repeat: int) -> dict[str, Any]:
     """CPU ms per generated token with one intra-op thread: engine and raw loop alternated
-    (raw, engine, raw), each engine run against the mean of the raw runs around it."""
+    (raw, engine, raw), each engine run against the mean of the raw runs around it.
+
+    The engine runs a plain request (greedy, EOS allowed: no min_tokens, whose EOS mask
+    costs a logits round trip on a prefix-cache generator): the per-token path of a request
+    that asks for nothing more. The prompt is one the model answers at length."""
     one = plan(probe(), ModelMeta.from_folder(model_path),
                RuntimeSettings(threads=1, context_length=context), LimitsSettings())
     engine, raw = Engine(model_path, one), RawLoop(model_path, one)
-    sampling = Sampling(max_tokens=n, ignore_eos=True)
+    sampling = Sampling(max_tokens=n)
     cpu_ms_per_token(engine.generate(tokens, sampling))  # warm-up
     raws, engines, ratios = [], [], []
     before = cpu_ms_per_token(raw_tokens(raw, tokens, n))
