@@ -617,13 +617,13 @@ class Engine:
 
     def _cacheable_batch(self, seq: Sequence) -> _Batch:
         """A one-row batch on a cached generator sharing a prefix with ``seq``'s prompt
-        (rewound to it: only the rest is prefilled), or on a new one for the whole context
-        (its search options must suit any later prompt: greedy, no min_length; EOS is
-        masked by the logits rewrite instead)."""
+        (rewound to it: only the rest is prefilled), on a recycled one, or on a new one for
+        the whole context (its search options must suit any later prompt: greedy, no
+        min_length; EOS is masked by the logits rewrite instead)."""
         hit = self.prefix_cache.take(seq.prompt)
         if hit is not None:
             generator, seq.cached_tokens = hit.generator, hit.reused
-        else:
+        elif (generator := self.prefix_cache.recycle()) is None:
             params = og.GeneratorParams(self.model)
             params.set_search_options(max_length=self.plan.context_length, batch_size=1,
                                       do_sample=False)
