@@ -34,6 +34,13 @@ sending at random intervals, against the idle TTFT. With ``--llama-python PY`` (
 llama-cpp-python, default /work/llama-venv/bin/python when it has it), llama.cpp's own
 figures on the same GGUF (scripts/compare_llama_cpp.py: its low-level decode loop, not its
 Python sampler) join the CPU rows as a third column.
+
+Guided answers (a tool call, a long JSON answer) are measured on the engine against
+unguided answers of as many tokens on the same prompt tokens (the tools' system note
+included), alternated: decode tok/s, TTFT (the grammar's admission check and set-up
+included, as a request pays them) and the grammar's admission check alone. The unguided
+answer runs cold (prefix cache emptied first) and then warm (its prompt cached): a guided
+sequence runs on a generator of its own, which the prefix cache cannot serve.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ sys.path.insert(0, str(REPO))
 import onnxruntime_genai as og  # noqa: E402
 import psutil  # noqa: E402
 
+from edgeagent import protocol  # noqa: E402
 from edgeagent.engine import Delta, Engine, Sampling, genai_overlay  # noqa: E402
 from edgeagent.planner import ModelMeta, Plan, plan  # noqa: E402
 from edgeagent.probe import probe  # noqa: E402
@@ -162,16 +170,85 @@ FEATURES: dict[str, dict[str, Any]] = {
 
 
 def engine_run(engine: Engine, tokens: np.ndarray, n: int, **features: Any) -> Run:
-    t0 = time.perf_counter()
+    return timed(engine.generate(tokens, Sampling(max_tokens=n, ignore_eos=True, **features)),
+                 len(tokens), time.perf_counter())[0]
+
+
+def timed(items: Any, prompt_tokens: int, t0: float) -> tuple[Run, int]:
+    """The run of a generation's items from ``t0``, and the tokens it produced."""
     first = last = 0.0
     count = 0
-    for item in engine.generate(tokens, Sampling(max_tokens=n, ignore_eos=True, **features)):
+    for item in items:
         if isinstance(item, Delta):
             last = time.perf_counter()
             count += 1
             if count == 1:
                 first = last
-    return Run(rate(count - 1, last - first), first - t0, rate(len(tokens), first - t0))
+    return Run(rate(count - 1, last - first), first - t0, rate(prompt_tokens, first - t0)), count
+
+
+#: Guided requests measured against unguided answers on the same prompt.
+GUIDED: dict[str, dict[str, Any]] = {
+    "tool call": {
+        "messages": [{"role": "user", "content": "Open valve 3 to 50 percent."}],
+        "tools": [{"type": "function", "function": {
+            "name": "set_valve", "description": "Open a valve to a percentage",
+            "parameters": {"type": "object", "properties": {
+                "valve_id": {"type": "integer"}, "percent": {"type": "number"}},
+                "required": ["valve_id", "percent"]}}}],
+        "tool_choice": "required"},
+    "JSON answer": {
+        "messages": [{"role": "user", "content": "Tell a story, in JSON."}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "story", "schema": {
+            # minLength: the answer runs to max_tokens, as the unguided one
+            "type": "object", "properties": {"story": {
+                "type": "string", "minLength": 2000, "maxLength": 4000}},
+            "required": ["story"]}}}},
+}
+
+
+def guided_run(engine: Engine, p: protocol.Prepared) -> tuple[Run, int]:
+    """A guided request as the daemon runs it: the admission check, then the generation."""
+    assert p.guidance is not None
+    t0 = time.perf_counter()
+    engine.check_guidance(p.guidance, p.sampling)
+    return timed(engine.generate(p.prompt_tokens, p.sampling, guidance=p.guidance),
+                 len(p.prompt_tokens), t0)
+
+
+def guided_block(engine: Engine, n: int, repeat: int) -> dict[str, dict[str, Any]]:
+    """Each guided request beside unguided answers of as many tokens on the same prompt
+    tokens, cold then warm, alternated: median decode tok/s and TTFT of each, the median
+    ratios of the guided run to the cold one (and its TTFT to the warm one's), and the
+    median time of the grammar's admission check (remembered after the first)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, body in GUIDED.items():
+        req = protocol.ChatCompletionRequest.model_validate({**body, "max_tokens": n})
+        p = protocol.prepare_chat(req, engine, Settings(), "bench")
+        assert p.guidance is not None
+        runs: dict[str, list[Run]] = {"guided": [], "unguided": [], "unguided_warm": []}
+        checks, counts = [], []
+        for _ in range(repeat):
+            run, count = guided_run(engine, p)
+            runs["guided"].append(run)
+            counts.append(count)
+            engine.prefix_cache.clear()
+            runs["unguided"].append(engine_run(engine, p.prompt_tokens, max(2, count)))
+            runs["unguided_warm"].append(engine_run(engine, p.prompt_tokens, max(2, count)))
+            t = time.perf_counter()
+            engine.check_guidance(p.guidance, p.sampling)
+            checks.append(time.perf_counter() - t)
+        pairs = list(zip(runs["guided"], runs["unguided"], strict=True))
+        out[name] = {
+            "prompt_tokens": len(p.prompt_tokens), "tokens": median(counts),
+            **{f"{k}_decode_tps": median([r.decode_tps for r in v]) for k, v in runs.items()},
+            **{f"{k}_ttft_s": median([r.ttft_s for r in v]) for k, v in runs.items()},
+            "decode_vs_unguided": median([g.decode_tps / u.decode_tps for g, u in pairs]),
+            "ttft_vs_unguided": median([g.ttft_s / u.ttft_s for g, u in pairs]),
+            "ttft_vs_unguided_warm": median([g.ttft_s / w.ttft_s for g, w in zip(
+                runs["guided"], runs["unguided_warm"], strict=True)]),
+            "check_ms": median(checks) * 1000}
+    return out
 
 
 # ---------------------------------------------------------------- issue 13 rows
@@ -843,6 +920,7 @@ def measure(args: argparse.Namespace, model_path: Path) -> tuple[dict[str, Any],
     raw_runs, eng_runs = raw_block(raw, prompts, n, repeat, engine)
     prefix = prefix_block(engine, n, repeat)
     features = features_block(raw, engine, prompts[lengths[0]][1], n, repeat)
+    guided = guided_block(engine, n, repeat)
     del engine  # free the cores' caches for the daemons
     gc.collect()
     cpu = cpu_block(model_path, context, short, n, repeat)
@@ -886,6 +964,16 @@ def measure(args: argparse.Namespace, model_path: Path) -> tuple[dict[str, Any],
     # raw: the feature's figure over its median ratio, so the ratio printed is that median
     rows.extend((f"decode tok/s, {name}", f["decode_tps"] / f["vs_raw"], f["decode_tps"],
                  "engine") for name, f in features.items())
+    results["guided"] = guided
+    # "raw loop" column: the unguided answer (cold, or warm: its prompt in the prefix
+    # cache); the ratios printed are the medians of pairs
+    for name, g in guided.items():
+        rows.append((f"guided decode tok/s, {name}", g["guided_decode_tps"]
+                     / g["decode_vs_unguided"], g["guided_decode_tps"], "engine"))
+        rows.append((f"guided TTFT ms, {name}", g["guided_ttft_s"] * 1000
+                     / g["ttft_vs_unguided"], g["guided_ttft_s"] * 1000, "engine"))
+        rows.append((f"guided TTFT ms, {name}, vs warm", g["guided_ttft_s"] * 1000
+                     / g["ttft_vs_unguided_warm"], g["guided_ttft_s"] * 1000, "engine"))
     conc_doc: dict[str, list[dict[str, Any]]] = {}
     daemons: dict[str, dict[str, Any]] = {}
     c4 = 4 if 4 in clients else clients[-1]
