@@ -298,7 +298,9 @@ class ChatCompletionRequest(SamplingFields):
                   | CustomToolChoice | None) = supported(
         None, "`none`, `auto`, `required`, a named function, `allowed_tools`; all but "
         "`none` and `auto` need `tools`")
-    parallel_tool_calls: bool | None = supported(None, "false: at most one call")
+    parallel_tool_calls: bool | None = supported(
+        None, "true (the default): distinct calls, an identical call returned once; false: "
+        "one call")
     response_format: ResponseFormat | None = supported(
         None, "`text`, `json_object`, `json_schema` (constrained decoding)")
     logprobs: bool | None = supported(None, LOGPROBS)
