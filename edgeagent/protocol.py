@@ -466,22 +466,23 @@ def offered_tools(req: ChatCompletionRequest) -> tuple[list[Tool], bool] | None:
     return tools, may_answer
 
 
-def tool_guidance(req: ChatCompletionRequest, caps: LimitsSettings
+def tool_guidance(req: ChatCompletionRequest, caps: LimitsSettings, max_tokens: int
                   ) -> tuple[dict[str, Any], list[Tool], bool] | None:
     """The JSON schema the answer must follow when tools are offered, the tools, and
     whether it may answer without a call; None without tools.
 
     The model answers in an envelope: ``{"tool_calls": [{"name", "arguments"}]}`` or, when
     it may answer without a call, ``{"content": "..."}``. The daemon parses it into
-    OpenAI's shape. Arguments are bounded (``bounded``); the content is prose, bounded by
+    OpenAI's shape. A call is bounded to fit ``max_tokens`` (``fitted``; the list's
+    length is the closer's: ``close_tool_list``); the content is prose, bounded by
     max_tokens alone.
     """
     offer = offered_tools(req)
     if offer is None:
         return None
     tools, may_answer = offer
-    schemas = [bounded(_call_schema(t), caps) for t in tools]
-    call = {"anyOf": schemas} if len(schemas) > 1 else schemas[0]
+    call = fitted({"anyOf": [_call_schema(t) for t in tools]} if len(tools) > 1
+                  else _call_schema(tools[0]), caps, max_tokens)
     calls = {
         "type": "object",
         "properties": {"tool_calls": {"type": "array", "items": call, "minItems": 1,
@@ -516,8 +517,25 @@ _SUBSCHEMAS = ("items", "additionalProperties", "not")
 _STRING_BOUNDS = ("maxLength", "pattern", "format", "enum", "const")
 
 
+#: Where an object's other properties point: any JSON value, bounded (in the root's $defs).
+_FREE_REF = "#/$defs/edgeagent_value"
+_FREE_VALUE = {"anyOf": [
+    {"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"},
+    {"type": "array", "items": {"$ref": _FREE_REF}},
+    {"type": "object", "additionalProperties": {"$ref": _FREE_REF}}]}
+
+
 def bounded(schema: dict[str, Any], caps: LimitsSettings) -> dict[str, Any]:
-    """``schema`` with a cap on every string, number and array it leaves unbounded."""
+    """``schema`` with a cap on every string, number and array it leaves unbounded; an
+    object that allows other properties than its own (JSON schema's default) takes at most
+    ``guided_array_max_items`` more, each a bounded JSON value."""
+    out = _bounded(schema, caps)
+    if _FREE_REF in json.dumps(out):
+        out["$defs"] = {**out.get("$defs", {}), "edgeagent_value": _bounded(_FREE_VALUE, caps)}
+    return out
+
+
+def _bounded(schema: dict[str, Any], caps: LimitsSettings) -> dict[str, Any]:
     out = {k: _bounded_any(v, caps) if k in _SUBSCHEMAS else v for k, v in schema.items()}
     for key in _SUBSCHEMA_LISTS:
         if isinstance(out.get(key), list):
@@ -541,30 +559,70 @@ def bounded(schema: dict[str, Any], caps: LimitsSettings) -> dict[str, Any]:
             out["multipleOf"] = 10.0 ** -caps.guided_number_decimals
     if "array" in types and "maxItems" not in out:
         out["maxItems"] = max(caps.guided_array_max_items, out.get("minItems", 0))
+    if "object" in types or "properties" in out:
+        if "additionalProperties" not in out and "patternProperties" not in out:
+            out["additionalProperties"] = {"$ref": _FREE_REF}
+        if out.get("additionalProperties") is not False and "maxProperties" not in out:
+            out["maxProperties"] = max(len(out.get("properties", {}))
+                                       + caps.guided_array_max_items,
+                                       out.get("minProperties", 0))
     return out
 
 
-def budget_caps(limits: LimitsSettings, max_tokens: int) -> LimitsSettings:
-    """The caps for an answer of ``max_tokens``: a string at most a quarter of it, for a
-    string of digits costs a token a character and the rest of the JSON needs room too."""
-    longest = min(limits.guided_string_max_length, max(16, max_tokens // 4))
-    return limits.model_copy(update={"guided_string_max_length": longest})
+def fitted(schema: dict[str, Any], limits: LimitsSettings, max_tokens: int
+           ) -> dict[str, Any]:
+    """``schema`` bounded, its caps halved in turn (down to a floor) until its longest
+    answer fits ``max_tokens``: a small model fills every cap (a 128-character string of
+    digits, 8 numbers of 15 digits, 8 more properties), and its JSON must close."""
+    caps = limits
+    for _ in range(6):
+        out = bounded(schema, caps)
+        if longest_answer(out) <= max_tokens:
+            break
+        caps = caps.model_copy(update={
+            "guided_string_max_length": max(16, caps.guided_string_max_length // 2),
+            "guided_array_max_items": max(1, caps.guided_array_max_items // 2),
+            "guided_number_digits": max(6, caps.guided_number_digits - 3),
+            "guided_number_decimals": max(2, caps.guided_number_decimals - 2)})
+    return out
+
+
+def longest_answer(schema: Any, defs: dict[str, Any] | None = None, depth: int = 0) -> int:
+    """About the tokens of the longest JSON ``schema`` (bounded) allows: a token per
+    character of a value (SmolLM2 writes digits one token each), a key's characters and
+    its punctuation; a bound it cannot see (a pattern) counts nothing."""
+    if not isinstance(schema, dict) or depth > 3:
+        return 1
+    defs = schema.get("$defs", defs or {})
+    if "const" in schema or "enum" in schema:
+        return max(len(json.dumps(v)) for v in schema.get("enum", [schema.get("const")]))
+    if schema.get("$ref") == _FREE_REF:
+        return longest_answer(defs.get("edgeagent_value"), defs, depth + 1)
+    alternatives = schema.get("anyOf") or schema.get("oneOf")
+    if alternatives:
+        return max(longest_answer(a, defs, depth) for a in alternatives)
+    size = 1
+    if "maxLength" in schema:
+        size = max(size, schema["maxLength"] + 2)
+    if "maximum" in schema and "minimum" in schema:
+        digits = len(str(int(max(abs(schema["minimum"]), abs(schema["maximum"])))))
+        decimals = len(repr(schema.get("multipleOf", 1)).split(".")[-1].rstrip("0"))
+        size = max(size, digits + decimals + 2)
+    if "maxItems" in schema:
+        size = max(size, 2 + schema["maxItems"] * (longest_answer(schema.get("items"), defs,
+                                                                  depth) + 1))
+    properties = schema.get("properties", {})
+    if properties or "maxProperties" in schema:
+        own = sum(len(k) + 3 + longest_answer(v, defs, depth) for k, v in properties.items())
+        more = max(0, schema.get("maxProperties", 0) - len(properties)) * (
+            8 + longest_answer(schema.get("additionalProperties"), defs, depth))
+        size = max(size, 2 + own + more)
+    return size
 
 
 def _bounded_any(value: Any, caps: LimitsSettings) -> Any:
     """A subschema bounded; ``true``/``false`` and other non-schemas as they are."""
-    return bounded(value, caps) if isinstance(value, dict) else value
-
-
-def any_json_object(caps: LimitsSettings) -> dict[str, Any]:
-    """``json_object``: any JSON object, its values bounded as ``bounded`` bounds them."""
-    value = {"$ref": "#/$defs/value"}
-    values = {"anyOf": [
-        {"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"},
-        {"type": "array", "items": value},
-        {"type": "object", "additionalProperties": value}]}
-    return bounded({"type": "object", "additionalProperties": value,
-                    "$defs": {"value": values}}, caps)
+    return _bounded(value, caps) if isinstance(value, dict) else value
 
 
 # -------------------------------------------------------------- no repeated calls
@@ -756,9 +814,8 @@ def prepare_chat(req: ChatCompletionRequest, engine: Engine, settings: Settings,
     guidance: tuple[str, str] | None = None
     guided_by = "response_format"
     tool_mode = False
-    caps = budget_caps(settings.limits, req.token_cap() or profile.max_tokens
-                       or settings.limits.default_max_tokens)
-    tools = tool_guidance(req, caps)
+    budget = req.token_cap() or profile.max_tokens or settings.limits.default_max_tokens
+    tools = tool_guidance(req, settings.limits, budget)
     if tools is not None:
         schema, offered, may_answer = tools
         note = _tools_system_prompt(offered, may_answer)
@@ -771,14 +828,13 @@ def prepare_chat(req: ChatCompletionRequest, engine: Engine, settings: Settings,
         tool_mode = True
     elif req.response_format is not None and req.response_format.type != "text":
         if req.response_format.type == "json_object":
-            schema = {}
+            schema = {"type": "object"}
         else:
             if req.response_format.json_schema is None:
                 raise InvalidRequest("response_format json_schema needs a json_schema object",
                                      "response_format")
-            schema = req.response_format.json_schema.schema_
-        free = schema in ({}, {"type": "object"})
-        guidance = json_guidance(any_json_object(caps) if free else bounded(schema, caps))
+            schema = req.response_format.json_schema.schema_ or {"type": "object"}
+        guidance = json_guidance(fitted(schema, settings.limits, budget))
     try:
         tokens = engine.chat_tokens(messages)
     except Exception as exc:

@@ -421,9 +421,9 @@ class LimitsSettings(Section):
     guided_string_max_length: int = Field(
         default=256, ge=1, le=100_000,
         description="Longest string a guided JSON answer (tool arguments, response_format) "
-        "may write where its schema sets no maxLength, pattern, format, enum or const, and "
-        "at most a quarter of the answer's max_tokens: a small model can repeat characters "
-        "until max_tokens.",
+        "may write where its schema sets no maxLength, pattern, format, enum or const: a "
+        "small model can repeat characters until max_tokens. The guided_* caps are halved "
+        "in turn (down to a floor) until the schema's longest answer fits max_tokens.",
         json_schema_extra=LIVE,
     )
     guided_number_digits: int = Field(

@@ -13,7 +13,13 @@ import pytest
 from edgeagent.engine import Engine, GuidanceError, Sampling
 from edgeagent.planner import ModelMeta, plan
 from edgeagent.probe import probe
-from edgeagent.protocol import bounded, close_tool_list, parse_tool_envelope
+from edgeagent.protocol import (
+    bounded,
+    close_tool_list,
+    fitted,
+    longest_answer,
+    parse_tool_envelope,
+)
 from edgeagent.settings import LimitsSettings, RuntimeSettings
 from tests.conftest import DaemonProc
 
@@ -67,6 +73,19 @@ def test_bounded_keeps_the_clients_own_bounds() -> None:
     assert "maxLength" not in out["d"]
     assert out["n"]["minimum"] == 0 and out["n"]["multipleOf"] == 0.5
     assert out["a"]["maxItems"] == 40  # never below the client's minItems
+
+
+def test_caps_shrink_until_the_longest_answer_fits_max_tokens() -> None:
+    """The issue's nested schema (objects open to more properties): at the default caps
+    its longest answer is thousands of tokens; fitted to 512 it closes within them."""
+    schema = {"type": "object", "properties": {"device": {"type": "object", "properties": {
+        "mac": {"type": "string"}, "serial": {"type": "string"},
+        "readings": {"type": "array", "items": {"type": "number"}}}}}}
+    assert longest_answer(bounded(schema, CAPS)) > 512
+    assert longest_answer(fitted(schema, CAPS, 512)) <= 512
+    small = {"type": "object", "properties": {"on": {"type": "boolean"}},
+             "additionalProperties": False}
+    assert fitted(small, CAPS, 16) == bounded(small, CAPS)
 
 
 def _call(city: str) -> str:
