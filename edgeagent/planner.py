@@ -411,6 +411,8 @@ class MemoryBudget:
     #: "after the <weights> of weights and <headroom> headroom out of <available> ...":
     #: the account the error messages and reasons quote.
     after: str
+    #: An explicit runtime.prefix_cache_mb, set aside before ``room``.
+    cache: int = 0
 
     @property
     def left(self) -> str:
@@ -451,7 +453,7 @@ def memory_budget(hw: Hardware, meta: ModelMeta, runtime: RuntimeSettings) -> Me
         f"out of {_fmt(available)} available ({source})"
     )
     return MemoryBudget(available, source, headroom,
-                        available - meta.weights_bytes - headroom - reserved, after)
+                        available - meta.weights_bytes - headroom - reserved, after, reserved)
 
 
 def _explicit_cache(runtime: RuntimeSettings) -> int:
@@ -591,13 +593,16 @@ def _both_auto(meta: ModelMeta, runtime: RuntimeSettings, budget: MemoryBudget) 
     if ctx == 0:
         smallest = min(ceiling, CONTEXT_GRANULARITY)
         need = _need(meta, smallest, 1)
-        total = meta.weights_bytes + need + budget.headroom
+        total = meta.weights_bytes + need + budget.cache + budget.headroom
+        cache = (f"{_fmt(budget.cache)} of prefix cache (runtime.prefix_cache_mb) + "
+                 if budget.cache else "")
         raise PlanError(
             f"model {meta.name} does not fit: {_fmt(meta.weights_bytes)} of weights + "
-            f"{_fmt(need)} of KV cache and prefill memory for {smallest} tokens + "
+            f"{_fmt(need)} of KV cache and prefill memory for {smallest} tokens + {cache}"
             f"{_fmt(budget.headroom)} headroom = {_fmt(total)}, but only "
             f"{_fmt(budget.available)} are available ({budget.source}); free memory, raise the "
-            "cgroup memory limit, lower runtime.memory_headroom_mb or use a smaller model"
+            "cgroup memory limit, lower runtime.memory_headroom_mb"
+            f"{', lower runtime.prefix_cache_mb' if budget.cache else ''} or use a smaller model"
         )
     return ctx, 1, {
         "max_batch": f"auto: memory-limited to 1 sequence (cap {cap}; the batch shrinks "

@@ -69,6 +69,13 @@ def test_an_explicit_cache_below_one_entry_is_refused_with_its_numbers() -> None
     assert "2048-token KV cache, 90 MB" in str(err.value)
 
 
+def test_an_explicit_cache_larger_than_memory_is_named_in_the_refusal() -> None:
+    with pytest.raises(PlanError) as err:
+        plan(box(8 * GB), SMOL, RuntimeSettings(prefix_cache_mb=10**6), LimitsSettings())
+    assert "976.6 GB of prefix cache (runtime.prefix_cache_mb)" in str(err.value)
+    assert "lower runtime.prefix_cache_mb" in str(err.value)
+
+
 # ------------------------------------------------------------------- the real model
 
 def engine_with(default_model: Path, cache_mb: int) -> Engine:
