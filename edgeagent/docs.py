@@ -11,13 +11,13 @@ from pydantic.fields import FieldInfo
 from edgeagent.settings import leaf_fields, liveness
 
 
-def _default(info: FieldInfo) -> str:
+def _default(name: str, info: FieldInfo) -> str:
     if info.default_factory is not None:
         return "(computed)"
     value: Any = info.default
     if value is None:
         return "unset"
-    if isinstance(value, int) and not isinstance(value, bool) and "mode" in str(info.description):
+    if isinstance(value, int) and not isinstance(value, bool) and name.endswith(".mode"):
         return f"`{value:#o}`"
     return f"`{value!r}`" if not isinstance(value, str) else f'`"{value}"`'
 
@@ -49,7 +49,7 @@ def settings_reference() -> str:
         "| --- | --- | --- | --- | --- |",
     ]
     for name, info in leaf_fields():
-        lines.append(f"| `{name}` | {_type(info)} | {_default(info)} | {liveness(info)} "
+        lines.append(f"| `{name}` | {_type(info)} | {_default(name, info)} | {liveness(info)} "
                      f"| {info.description or ''} |")
     return "\n".join(lines) + "\n"
 

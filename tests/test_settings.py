@@ -151,3 +151,13 @@ def test_configuration_reference_is_up_to_date() -> None:
     assert doc.read_text() == settings_reference(), (
         "docs/configuration.md is stale: run `edgeagent config reference > "
         "docs/configuration.md`")
+
+
+def test_reference_prints_only_file_modes_in_octal() -> None:
+    from edgeagent.docs import settings_reference
+
+    rows = {line.split("|")[1].strip(" `"): line for line in settings_reference().splitlines()
+            if line.startswith("| `")}
+    assert "`0o660`" in rows["socket.mode"]
+    assert "`256`" in rows["limits.guided_string_max_length"]  # "mode" is in its description
+    assert "`2`" in rows["fleet.keep_models"]
