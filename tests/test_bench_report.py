@@ -99,7 +99,7 @@ def test_the_plain_run_is_the_same_pipeline(default_model: Path, tmp_path: Path)
         [sys.executable, str(REPO / "scripts" / "bench.py"), "--quick",
          "--model", str(default_model), "--repeat", "1", "--tokens", "8", "--clients", "2",
          "--prompt-lengths", "32",
-         "--no-mqtt", "--json", str(out)],
+         "--no-mqtt", "--no-llama", "--json", str(out)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert "socket 2 clients aggregate tok/s" in res.stdout
