@@ -15,7 +15,11 @@ Modes: ``tools`` sends OpenAI's ``tools`` and ``tool_choice`` and reads the answ
 ``tool_calls``; ``response_format`` sends edgeagent's own tools system prompt and envelope
 schema (``{"tool_calls": [...]}`` or ``{"content": ...}``) as a ``json_schema``
 ``response_format`` and parses the envelope itself: how a peer server fares on exactly what
-edgeagent asks of the model.
+edgeagent asks of the model. ``trained`` sends the tools prompt SmolLM2 was fine-tuned with
+(``TRAINED_PROMPT``) and reads ``<tool_call>[...]</tool_call>`` from the text;
+``trained_guided`` the same prompt with the list of calls held to the tools' schemas as a
+``response_format``. A named ``tool_choice`` reaches the model only in ``tools`` and
+``response_format`` modes.
 
 Reported per category and overall: right function (the first call's name), right first
 call (name and arguments), all right (every call, no extra), valid JSON, duplicate calls,
@@ -45,6 +49,7 @@ sys.path.insert(0, str(REPO))
 CASES = REPO / "scripts" / "eval_cases" / "tools.jsonl"
 TOOLS = REPO / "scripts" / "eval_cases" / "tools.json"
 CATEGORIES = ("single", "multiple", "parallel", "irrelevance")
+MODES = ("tools", "response_format", "trained", "trained_guided")
 
 
 # -------------------------------------------------------------- judging
@@ -125,8 +130,67 @@ def judge(case: dict[str, Any], o: Outcome) -> Outcome:
 
 
 # -------------------------------------------------------------- asking
+#: The tools prompt SmolLM2-Instruct was fine-tuned with (its function-calling data, as the
+#: model's Ollama template renders it): the tools as a JSON list in <tools>, the answer a JSON
+#: list of calls in <tool_call>, ``[]`` for none. Its Hugging Face chat template has no
+#: ``tools`` branch, so only a prompt can ask for it.
+TRAINED_PROMPT = """You are an expert in composing functions. You are given a question and \
+a set of possible functions.
+Based on the question, you will need to make one or more function/tool calls to achieve the \
+purpose.
+If none of the functions can be used, point it out and refuse to answer.
+If the given question lacks the parameters required by the function, also point it out.
+You have access to the following tools:
+<tools>{tools}</tools>
+The output MUST strictly adhere to the following format, and NO other text MUST be included.
+The example format is as follows. Please make sure the parameter type is correct. If no \
+function call is needed, please make the tool calls an empty list '[]'.
+<tool_call>[
+{{"name": "func_name1", "arguments": {{"argument1": "value1", "argument2": "value2"}}}},
+(more tool calls as required)
+]</tool_call>"""
+
+
+def trained_request(tools: list[dict[str, Any]], messages: list[dict[str, Any]],
+                    guided: bool) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The trained prompt; ``guided``: the list of calls held to the tools' schemas (the
+    ``<tool_call>`` tags cannot be: a JSON schema starts at the list)."""
+    listed = json.dumps([t["function"] for t in tools])
+    system = {"role": "system", "content": TRAINED_PROMPT.format(tools=listed)}
+    if not guided:
+        return [system, *messages], None
+    calls = [{"type": "object", "properties": {
+        "name": {"const": t["function"]["name"]}, "arguments": t["function"]["parameters"]},
+        "required": ["name", "arguments"]} for t in tools]
+    schema = {"type": "array", "items": {"anyOf": calls}, "maxItems": 4}
+    return [system, *messages], {"type": "json_schema",
+                                 "json_schema": {"name": "tool_calls", "schema": schema}}
+
+
+def parse_trained(content: str) -> tuple[list[dict[str, Any]], str | None, bool]:
+    """Calls from ``<tool_call>[...]</tool_call>`` (or a bare list); any other text is an
+    answer without a call."""
+    text = content.strip()
+    start = text.find("<tool_call>")
+    if start >= 0:
+        body = text[start + len("<tool_call>"):].split("</tool_call>")[0]
+    elif text.startswith("["):
+        body = text
+    else:
+        return [], content, True
+    try:
+        calls = json.loads(body)
+    except ValueError:
+        return [], content, False
+    if not isinstance(calls, list):
+        return [], content, False
+    ok = all(isinstance(c, dict) and isinstance(c.get("arguments"), dict) for c in calls)
+    return [c for c in calls if isinstance(c, dict)], None, ok
+
+
 def envelope_request(tools: list[dict[str, Any]], messages: list[dict[str, Any]],
-                     tool_choice: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                     tool_choice: Any, max_tokens: int
+                     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """edgeagent's own tools system prompt and envelope schema for these tools, as the
     messages and ``response_format`` any server can be sent."""
     from edgeagent import protocol
@@ -134,7 +198,7 @@ def envelope_request(tools: list[dict[str, Any]], messages: list[dict[str, Any]]
 
     req = protocol.ChatCompletionRequest.model_validate(
         {"model": "x", "messages": messages, "tools": tools, "tool_choice": tool_choice})
-    guidance = protocol.tool_guidance(req, LimitsSettings())
+    guidance = protocol.tool_guidance(req, LimitsSettings(), max_tokens)
     assert guidance is not None  # tools are offered
     schema, offered, may_answer = guidance
     note = protocol._tools_system_prompt(offered, may_answer)
@@ -147,6 +211,8 @@ def parse_answer(choice: dict[str, Any], mode: str
     """(calls as {name, arguments}, content, valid JSON) from one choice."""
     msg = choice.get("message") or {}
     content = msg.get("content")
+    if mode.startswith("trained"):
+        return parse_trained(content or "")
     if mode == "response_format":
         try:
             doc = json.loads(content or "")
@@ -181,7 +247,14 @@ def ask(client: httpx.Client, case: dict[str, Any], tools: dict[str, Any],
     if args.temperature is not None:
         body["temperature"] = args.temperature
     if args.mode == "response_format":
-        body["messages"], body["response_format"] = envelope_request(offered, messages, choice)
+        body["messages"], body["response_format"] = envelope_request(offered, messages, choice,
+                                                                args.max_tokens)
+    elif args.mode.startswith("trained"):
+        if isinstance(choice, dict):  # a named function: the prompt offers it alone
+            offered = [t for t in offered if t["function"]["name"] == choice["function"]["name"]]
+        body["messages"], fmt = trained_request(offered, messages, args.mode == "trained_guided")
+        if fmt is not None:
+            body["response_format"] = fmt
     else:
         body.update(messages=messages, tools=offered, tool_choice=choice)
     start = time.perf_counter()
@@ -290,8 +363,10 @@ def endpoint(args: argparse.Namespace) -> Iterator[httpx.Client]:
         yield c
 
 
-def load_cases(path: Path, ids: list[str] | None, limit: int | None) -> list[dict[str, Any]]:
+def load_cases(path: Path, ids: list[str] | None, limit: int | None,
+               every: int = 1) -> list[dict[str, Any]]:
     cases = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    cases = cases[::every]
     if ids:
         cases = [c for c in cases if c["id"] in ids]
     return cases[:limit] if limit else cases
@@ -299,7 +374,7 @@ def load_cases(path: Path, ids: list[str] | None, limit: int | None) -> list[dic
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     tools = json.loads(args.tools.read_text())
-    cases = load_cases(args.cases, args.ids, args.limit)
+    cases = load_cases(args.cases, args.ids, args.limit, args.every)
     rows: list[Outcome] = []
     with endpoint(args) as client:
         for case in cases:
@@ -326,12 +401,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model-path", type=Path, help="without --socket or --base-url: the "
                     "model the daemon started for the run serves (default: the default model)")
     ap.add_argument("--daemon-toml", default="", help="extra TOML for that daemon")
-    ap.add_argument("--mode", choices=("tools", "response_format"), default="tools")
+    ap.add_argument("--mode", choices=MODES, default="tools")
     ap.add_argument("--model", default="edgeagent", help="the request's model field")
     ap.add_argument("--cases", type=Path, default=CASES)
     ap.add_argument("--tools", type=Path, default=TOOLS)
     ap.add_argument("--ids", nargs="+", help="only these case ids")
     ap.add_argument("--limit", type=int, help="only the first N cases")
+    ap.add_argument("--every", type=int, default=1, help="every Nth case (a quick sample "
+                    "that keeps each category's share)")
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--temperature", type=lambda s: None if s == "server" else float(s),
                     default=0.0, help="a number, or 'server' to send none (its default)")
