@@ -33,7 +33,8 @@ TEXTS = [REPO / "docs" / "architecture.md", REPO / "docs" / "engine-notes.md"]
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    out: np.ndarray = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return out
 
 
 def save(out: Path, ids: np.ndarray, logits: np.ndarray) -> None:
@@ -61,7 +62,8 @@ def genai(args: argparse.Namespace) -> None:
 
 
 def gguf(args: argparse.Namespace) -> None:
-    from llama_cpp import Llama
+    # Only in the llama-cpp-python venv, never in the project's.
+    from llama_cpp import Llama  # type: ignore[import-not-found,unused-ignore]
 
     ids = np.load(args.ids)["ids"]
     llm = Llama(model_path=str(args.model), n_ctx=len(ids) + 8, logits_all=True,
