@@ -189,7 +189,9 @@ def test_broker_restart_with_30_requests_in_flight_answers_each_once(
     the daemon never saw, is resent by paho with the DUP flag and forwarded again. So
     "answered once" is counted where the daemon decides to answer: Mosquitto's log lists
     every PUBLISH it receives from the daemon with its DUP flag, and each reply topic must
-    have exactly one fresh (``d0``) publish. A replayed reply is a fresh publish."""
+    have exactly one fresh (``d0``) publish, or none when the reply was first sent while the
+    broker was away (then only paho's resends, ``d1``, reach it). A replayed reply is a
+    fresh publish."""
     n = 30
     d = _ready_online(start_daemon, broker)
     body = {**SHORT, "max_tokens": 12, "min_tokens": 12}
@@ -218,10 +220,12 @@ def test_broker_restart_with_30_requests_in_flight_answers_each_once(
             pass
     assert answered == {f"{base}/{i}" for i in range(n)}
     broker.stop()  # its log is complete
-    fresh = re.findall(rf"Received PUBLISH from test-d \(d0, q1, r0, m\d+, '({base}/\d+)'",
-                       broker.log())
-    counts = {t: fresh.count(t) for t in answered}
-    assert counts == {t: 1 for t in answered}, "a reply was published more than once"
+    sent = re.findall(rf"Received PUBLISH from test-d \((d[01]), q1, r0, m\d+, '({base}/\d+)'",
+                      broker.log())
+    fresh = {t: sum(1 for dup, topic in sent if topic == t and dup == "d0") for t in answered}
+    # A reply first sent while the broker was away reaches it only as paho's resend (d1).
+    assert all(n == 1 or (n == 0 and ("d1", t) in sent) for t, n in fresh.items()), (
+        f"a reply was published more than once, or never: {fresh}")
 
 
 # ------------------------------------------------------------------ item 6: every message
