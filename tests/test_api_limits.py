@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from edgeagent.testing.fake_proc import fake_machine
 from tests.conftest import DaemonProc
 
 pytestmark = pytest.mark.model
@@ -92,32 +93,21 @@ def test_ask_talks_to_the_socket(start_daemon: Any) -> None:
     assert "unknown model" in res.stderr
 
 
-def _fake_machine(root: Path, available_mb: int) -> None:
-    """A /proc tree for the probe: 2 cores, 8 GB, ``available_mb`` available."""
-    (root / "proc" / "self").mkdir(parents=True, exist_ok=True)
-    (root / "proc" / "cpuinfo").write_text("".join(
-        f"processor\t: {i}\nphysical id\t: 0\ncore id\t\t: {i}\n\n" for i in range(2)))
-    (root / "proc" / "self" / "status").write_text("Cpus_allowed_list:\t0-1\n")
-    meminfo = root / "proc" / "meminfo"
-    tmp = meminfo.with_suffix(".tmp")
-    tmp.write_text(f"MemTotal: {8 * 2**20} kB\nMemFree: {available_mb * 1024} kB\n"
-                   f"MemAvailable: {available_mb * 1024} kB\n")
-    tmp.replace(meminfo)  # the daemon never reads a half-written file
 
 
 def test_memory_guard_refuses_new_work_with_503(start_daemon: Any, tmp_path: Path) -> None:
     root = tmp_path / "machine"
-    _fake_machine(root, available_mb=4096)
+    fake_machine(root, 4096 * 2**20)
     d: DaemonProc = start_daemon(extra_toml=(
         f'[runtime]\nprobe_root = "{root}"\ncontext_length = 1024\nmemory_headroom_mb = 256\n'))
     d.wait_ready()
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
     with _client(d) as client:
         assert client.post("/v1/chat/completions", json=body).status_code == 200
-        _fake_machine(root, available_mb=100)  # below the 256 MB headroom
+        fake_machine(root, 100 * 2**20)  # below the 256 MB headroom
         resp = client.post("/v1/chat/completions", json=body)
         assert resp.status_code == 503
         assert "below the planned headroom" in resp.json()["error"]["message"]
         assert "memory guard" in d.logs()
-        _fake_machine(root, available_mb=4096)
+        fake_machine(root, 4096 * 2**20)
         assert client.post("/v1/chat/completions", json=body).status_code == 200

@@ -16,9 +16,10 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from edgeagent.testing.fake_proc import fake_machine
 from tests.broker import Broker, requester
 from tests.conftest import DaemonProc
-from tests.test_api_limits import _fake_machine, _wait
+from tests.test_api_limits import _wait
 
 pytestmark = pytest.mark.model
 
@@ -85,11 +86,11 @@ def test_sdk_default_retries_get_every_call_through(start_daemon: Any) -> None:
 
 def test_memory_guard_503_carries_retry_after(start_daemon: Any, tmp_path: Path) -> None:
     root = tmp_path / "machine"
-    _fake_machine(root, available_mb=4096)
+    fake_machine(root, 4096 * 2**20)
     d: DaemonProc = start_daemon(extra_toml=(
         f'[runtime]\nprobe_root = "{root}"\ncontext_length = 1024\nmemory_headroom_mb = 256\n'))
     d.wait_ready()
-    _fake_machine(root, available_mb=100)  # below the 256 MB headroom
+    fake_machine(root, 100 * 2**20)  # below the 256 MB headroom
     with _sdk(d, max_retries=0) as sdk, pytest.raises(openai.InternalServerError) as refused:
         sdk.chat.completions.create(model="edgeagent", messages=HI, max_tokens=2)
     assert refused.value.status_code == 503

@@ -17,6 +17,7 @@ from edgeagent.planner import ModelMeta, Plan, plan
 from edgeagent.probe import probe
 from edgeagent.settings import LimitsSettings, RuntimeSettings
 from edgeagent.testing.artifact_server import ArtifactServer
+from edgeagent.testing.fake_proc import fake_machine
 from tests.broker import Broker, Requester
 from tests.conftest import DaemonProc
 from tests.test_rollout import (  # noqa: F401 (fixtures)
@@ -39,18 +40,6 @@ RUNTIME = {"context_length": 1024, "max_batch": 1, "memory_headroom_mb": 64}
 MARGIN_MB = 16
 
 
-def _fake_machine(root: Path, available: int) -> None:
-    """A /proc tree for the probe: 2 cores, 8 GB, ``available`` bytes available; replaced
-    atomically, so that the daemon never reads half a file."""
-    (root / "proc" / "self").mkdir(parents=True, exist_ok=True)
-    (root / "proc" / "cpuinfo").write_text("".join(
-        f"processor\t: {i}\nphysical id\t: 0\ncore id\t\t: {i}\n\n" for i in range(2)))
-    (root / "proc" / "self" / "status").write_text("Cpus_allowed_list:\t0-1\n")
-    meminfo = root / "proc" / "meminfo"
-    tmp = meminfo.with_suffix(".tmp")
-    tmp.write_text(f"MemTotal: {8 * 2**20} kB\nMemFree: {available // 1024} kB\n"
-                   f"MemAvailable: {available // 1024} kB\n")
-    tmp.replace(meminfo)
 
 
 def _the_plan(root: Path, model: Path) -> Plan:
@@ -65,10 +54,10 @@ def test_model_too_big_for_two_loads_after_the_old_one(
         server: ArtifactServer, default_model: Path, tmp_path: Path,  # noqa: F811
         case: str) -> None:
     root = tmp_path / "machine"
-    _fake_machine(root, 8 * 2**30)
+    fake_machine(root, 8 * 2**30)
     alone = _the_plan(root, default_model)
     # At start: room for one model (the plan's total) and a little more.
-    _fake_machine(root, alone.total_bytes + MARGIN_MB * 2**20)
+    fake_machine(root, alone.total_bytes + MARGIN_MB * 2**20)
     runtime = "".join(f"{k} = {v}\n" for k, v in RUNTIME.items())
     canary = ('[[fleet.canary.prompts]]\nprompt = "Say hello."\nregex = "^NEVER-[0-9]{40}$"\n'
               if case == "canary_fails" else "")
@@ -79,7 +68,7 @@ def test_model_too_big_for_two_loads_after_the_old_one(
     old = _model_path(d)
     # Loaded, the model holds what its plan counts (all but the headroom), as the kernel
     # would show: the new model's plan no longer fits beside it, but fits in its place.
-    _fake_machine(root, alone.headroom_bytes + MARGIN_MB * 2**20)
+    fake_machine(root, alone.headroom_bytes + MARGIN_MB * 2**20)
     stop = threading.Event()
     answers: list[tuple[int, str | None, str]] = []
 
