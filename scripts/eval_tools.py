@@ -255,6 +255,10 @@ def ask(client: httpx.Client, case: dict[str, Any], tools: dict[str, Any],
         body["messages"], fmt = trained_request(offered, messages, args.mode == "trained_guided")
         if fmt is not None:
             body["response_format"] = fmt
+    if args.schema_as_json_object and "response_format" in body:
+        # llama-cpp-python's server takes a schema only as {"type": "json_object", "schema"}
+        body["response_format"] = {"type": "json_object",
+                                   "schema": body["response_format"]["json_schema"]["schema"]}
     else:
         body.update(messages=messages, tools=offered, tool_choice=choice)
     start = time.perf_counter()
@@ -403,6 +407,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--daemon-toml", default="", help="extra TOML for that daemon")
     ap.add_argument("--mode", choices=MODES, default="tools")
     ap.add_argument("--model", default="edgeagent", help="the request's model field")
+    ap.add_argument("--schema-as-json-object", action="store_true", help="send a schema as "
+                    "{type: json_object, schema} (llama-cpp-python's server)")
     ap.add_argument("--cases", type=Path, default=CASES)
     ap.add_argument("--tools", type=Path, default=TOOLS)
     ap.add_argument("--ids", nargs="+", help="only these case ids")
