@@ -193,8 +193,10 @@ def test_broker_restart_with_30_requests_in_flight_answers_each_once(
     broker was away (then only paho's resends, ``d1``, reach it). A replayed reply is a
     fresh publish."""
     n = 30
-    d = _ready_online(start_daemon, broker)
-    body = {**SHORT, "max_tokens": 12, "min_tokens": 12}
+    # One sequence at a time, 32 tokens each: the 30 take seconds, so most are still queued
+    # or running when the broker stops after the first answer.
+    d = _ready_online(start_daemon, broker, "[runtime]\nmax_batch = 1")
+    body = {**SHORT, "max_tokens": 32, "min_tokens": 32}
     with requester(broker, persistent=True, client_id="steady-30") as r:
         base = r.reply_topic.rsplit("/", 1)[0]
         r.subscribe(f"{base}/+")
@@ -206,6 +208,7 @@ def test_broker_restart_with_30_requests_in_flight_answers_each_once(
         # Some requests finish while the broker is away: their acks cannot reach it, so it
         # delivers them again; others are still being generated when it is back.
         completed = _health(d)["serving"]["completed"]
+        assert completed <= n - 2, "every request finished before the broker stopped"
         deadline = time.monotonic() + 120
         while _health(d)["serving"]["completed"] < completed + 2:
             assert time.monotonic() < deadline
