@@ -181,7 +181,11 @@ def main() -> int:
     broker = Broker(workdir / "broker")
     broker.start()
     try:
+        # No prefix cache: it is a bounded allocation that fills as distinct prompts run
+        # alone (up to max_batch full-context KV caches, planned), which a leak trend would
+        # count; the cache's own bound is tested in tests/test_prefix_cache.py.
         with running_daemon(workdir, model, "[runtime]\ncontext_length = 1024\n"
+                            "prefix_cache_mb = 0\n"
                             f'[mqtt]\nurl = "{broker.url}"\n', device_id=DEVICE) as d:
             report = soak(d, broker, args)
     finally:
