@@ -92,18 +92,24 @@ def start_daemon(short_dir: Path, tmp_path: Path, default_model: Path) -> Iterat
         _reap(d)
 
 
-@pytest.fixture(scope="module")
-def api_daemon(tmp_path_factory: pytest.TempPathFactory, default_model: Path
-               ) -> Iterator[DaemonProc]:
-    """One ready daemon shared by a module's tests (they must leave it idle)."""
+def shared_daemon(tmp_path_factory: pytest.TempPathFactory, model: Path, toml: str,
+                  name: str) -> Iterator[DaemonProc]:
+    """A ready daemon for a module-scoped fixture (its tests must leave it idle)."""
     sockdir = Path(tempfile.mkdtemp(prefix="ea-", dir="/tmp"))
-    workdir = tmp_path_factory.mktemp("api")
-    d = launch_daemon(workdir, sockdir, default_model,
-                      "[runtime]\ncontext_length = 2048\n[limits]\nmax_queue = 8\n")
+    d = launch_daemon(tmp_path_factory.mktemp(name), sockdir, model, toml)
     d.wait_ready()
     yield d
     _reap(d)
     shutil.rmtree(sockdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def api_daemon(tmp_path_factory: pytest.TempPathFactory, default_model: Path
+               ) -> Iterator[DaemonProc]:
+    """One ready daemon shared by a module's tests (they must leave it idle)."""
+    yield from shared_daemon(tmp_path_factory, default_model,
+                             "[runtime]\ncontext_length = 2048\n[limits]\nmax_queue = 8\n",
+                             "api")
 
 
 @pytest.fixture

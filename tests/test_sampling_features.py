@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,8 @@ import openai
 import pytest
 
 from edgeagent.testing.broker import Broker, requester
-from edgeagent.testing.daemon import DaemonProc, launch_daemon, reap, uds_client
+from edgeagent.testing.daemon import DaemonProc, uds_client
+from tests.conftest import shared_daemon
 
 pytestmark = pytest.mark.model
 
@@ -28,14 +27,9 @@ REPEAT = [{"role": "user", "content": "Say 'apple apple apple apple apple apple 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, default_model: Path
            ) -> Iterator[DaemonProc]:
-    sockdir = Path(tempfile.mkdtemp(prefix="ea-", dir="/tmp"))
-    d = launch_daemon(tmp_path_factory.mktemp("sampling"), sockdir, default_model,
-                      f"[runtime]\ncontext_length = 1024\nmax_batch = {CAPACITY}\n"
-                      "[limits]\nmax_queue = 8\n")
-    d.wait_ready()
-    yield d
-    reap(d)
-    shutil.rmtree(sockdir, ignore_errors=True)
+    yield from shared_daemon(tmp_path_factory, default_model,
+                             f"[runtime]\ncontext_length = 1024\nmax_batch = {CAPACITY}\n"
+                             "[limits]\nmax_queue = 8\n", "sampling")
 
 
 @pytest.fixture
