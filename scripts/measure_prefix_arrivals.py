@@ -34,6 +34,7 @@ from edgeagent.planner import ModelMeta, plan
 from edgeagent.probe import probe
 from edgeagent.scheduler import Item, Job, Scheduler
 from edgeagent.settings import LimitsSettings, RuntimeSettings, Settings
+from edgeagent.testing.prompts import system_prompt as shared_prompt
 
 MODEL = Path.home() / ".local/share/edgeagent/models/smollm2-135m-instruct-int4"
 
@@ -47,12 +48,7 @@ def load(model: Path, threads: int | None, context: int) -> Engine:
 
 
 def system_prompt(topic: str, sensors: int = 28) -> str:
-    """Gateway instructions (28 sensors: about 1,000 tokens), as tests/test_prefix_cache.py."""
-    lines = [f"You are the {topic} assistant of an industrial gateway. Sensors:"]
-    for i in range(sensors):
-        lines.append(f"- sensor {topic}-{i}: temperature probe on line {i % 7}, range "
-                     f"{-20 + i} to {80 + 3 * i} C, alarm above {60 + i} C, report hourly.")
-    return "\n".join(lines)
+    return shared_prompt(topic, sensors)
 
 
 def cpu_time(engine: Engine, prompt: np.ndarray, max_tokens: int) -> float:

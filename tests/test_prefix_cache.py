@@ -15,6 +15,7 @@ from edgeagent.planner import GB, MB, ModelMeta, PlanError, plan
 from edgeagent.prefix_cache import common_prefix
 from edgeagent.probe import Hardware, probe
 from edgeagent.settings import LimitsSettings, RuntimeSettings
+from edgeagent.testing.prompts import system_prompt as shared_prompt
 
 SMOL = ModelMeta(name="smollm2-135m", num_hidden_layers=30, num_key_value_heads=3,
                  head_size=64, vocab_size=49152, max_context=8192, weights_bytes=86 * MB,
@@ -95,12 +96,7 @@ def uncached(default_model: Path) -> Engine:
 
 
 def system_prompt(topic: str, sensors: int = 40) -> str:
-    """Gateway instructions: sensors and what to do with them (40: about 1,500 tokens)."""
-    lines = [f"You are the {topic} assistant of an industrial gateway. Sensors:"]
-    for i in range(sensors):
-        lines.append(f"- sensor {topic}-{i}: temperature probe on line {i % 7}, range "
-                     f"{-20 + i} to {80 + 3 * i} C, alarm above {60 + i} C, report hourly.")
-    return "\n".join(lines)
+    return shared_prompt(topic, sensors)
 
 
 def run(engine: Engine, prompt: np.ndarray, max_tokens: int = 24) -> tuple[list[int], Finish,
