@@ -63,6 +63,10 @@ PRECISION = "int4"
 #: docs/engine-notes.md). Recorded in the manifest's source: a model built without them is
 #: rebuilt.
 BUILDER_OPTIONS = {"prune_lm_head": "true"}
+#: How the default model's weights reach it: the builder's INT4 weights are replaced by the
+#: GGUF's own Q4_1/Q8_0 blocks (edgeagent.gguf_weights). Recorded in the manifest's source:
+#: a model built otherwise is rebuilt.
+GGUF_WEIGHTS = "gguf-blocks-1"
 CONVERT_EXTRA_HINT = "model conversion needs the convert extra: pip install 'edgeagent[convert]'"
 # What the conversion imports, itself or in the builder subprocess.
 CONVERT_MODULES = ("torch", "transformers", "onnx", "onnx_ir", "numpy")
@@ -77,7 +81,7 @@ CHATML_TEMPLATE = (
     "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-SANITY_PROMPT = "What is the capital of France?"
+SANITY_PROMPT = "Name the capital of France."
 SANITY_TOKENS = 8
 
 
@@ -155,6 +159,11 @@ def _build_locked(output: Path, from_hf: Path | None, progress: Progress) -> Pat
         t0 = time.monotonic()
         run_builder(hf_dir, out, work / "builder-cache", progress)
         timings["build"] = time.monotonic() - t0
+        if from_hf is None:
+            t0 = time.monotonic()
+            restore_gguf_weights(out, gguf_path, hf_dir, progress)
+            source["weights"] = GGUF_WEIGHTS
+            timings["gguf blocks"] = time.monotonic() - t0
         fix_tokenizer_config(out, hf_dir, tokenizer_class, progress)
         if from_hf is None:
             shutil.rmtree(hf_dir, ignore_errors=True)  # 0.5 GB of float32 weights
@@ -181,7 +190,7 @@ def _build_locked(output: Path, from_hf: Path | None, progress: Progress) -> Pat
 def _wanted_source(from_hf: Path | None) -> dict[str, Any]:
     if from_hf is None:
         return {"kind": "gguf", "package": f"{GGUF_PACKAGE}=={GGUF_PACKAGE_VERSION}",
-                "builder_options": BUILDER_OPTIONS}
+                "builder_options": BUILDER_OPTIONS, "weights": GGUF_WEIGHTS}
     return {"kind": "hf", "path": str(from_hf), "builder_options": BUILDER_OPTIONS}
 
 
@@ -537,7 +546,24 @@ def fix_tokenizer_config(out: Path, hf_dir: Path | None, tokenizer_class: str | 
         write_json_atomic(path, doc)
 
 
-# -- step 4: check it loads and talks ---------------------------------------------------------
+# -- step 4: the GGUF's own blocks -----------------------------------------------------------
+
+
+def restore_gguf_weights(model_dir: Path, gguf_path: Path, hf_dir: Path,
+                         progress: Progress) -> None:
+    """Replace the builder's re-quantized weights with the GGUF's blocks (module
+    edgeagent.gguf_weights), checked against the float32 folder the builder was given."""
+    progress("==> writing the GGUF's own Q4_1/Q8_0 blocks into the model (no second "
+             "quantization)")
+    gguf_weights: Any = importlib.import_module("edgeagent.gguf_weights")
+    try:
+        gguf_weights.restore(model_dir, gguf_path, progress,
+                             reference=gguf_weights.hf_reference(hf_dir))
+    except gguf_weights.GgufWeightsError as exc:
+        raise ModelBuildError(f"could not write the GGUF's blocks into the model: {exc}") from exc
+
+
+# -- step 5: check it loads and talks ---------------------------------------------------------
 
 
 def sanity_check(model_dir: Path, *, expect: str | None = None) -> str:
