@@ -14,9 +14,11 @@ greedy; a row that asks for more (temperature, top_p, top_k, seed, repetition, f
 or presence penalty, min_tokens) has its logits rewritten with NumPy before the step, so each
 request keeps its own sampling inside a shared batch; a row that asks for logprobs has its
 logits read. A plain row costs nothing: no logits are copied out of the generator for it.
-A guided request (JSON schema) runs alone under onnxruntime-genai's own sampler, which
-applies the grammar. A prompt longer than
-``plan.prefill_chunk`` runs alone too, fed one chunk per step: a prefill's memory is bounded
+A guided row (a JSON schema, a regex or a Lark grammar: tools, response_format) is such a
+row too: its grammar (llguidance, edgeagent/guidance.py) masks the tokens it forbids in the
+same logits rewrite, before the row's own sampling, and consumes each token drawn; so it
+batches with other rows and takes the prefix cache like any. A prompt longer than
+``plan.prefill_chunk`` runs alone, fed one chunk per step: a prefill's memory is bounded
 by the chunk, and a cancel lands between chunks.
 
 With the prefix cache on (``plan.prefix_cache_bytes``, edgeagent/prefix_cache.py), a
@@ -31,7 +33,6 @@ import json
 import re
 import threading
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as SequenceT
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ import numpy as np
 import onnxruntime_genai as og
 import structlog
 
+from edgeagent.guidance import Grammars, mask_logits
+from edgeagent.guidance import GuidanceError as GuidanceError
 from edgeagent.manifest import read_genai_config
 from edgeagent.planner import Plan
 from edgeagent.prefix_cache import PrefixCache
@@ -131,19 +134,16 @@ class Plain(str):
     (``<|im_end|>``) stays text and cannot close its turn or open a system one."""
 
 
-class GuidanceError(ValueError):
-    """onnxruntime-genai refused a guidance grammar or the sampling that goes with it."""
-
-
 #: Given a guided answer's text so far, the tokens it has used and the tokens it has left:
 #: the text that ends it now (appended as the Finish's tail), or None to go on.
 Closer = Callable[[str, int, int], "str | None"]
 
 
 class Guidance(tuple[str, str]):
-    """A grammar, ``(kind, text)`` as ``GeneratorParams.set_guidance`` takes it, that may
-    also know when its answer is complete before the grammar says so (``closer``): the
-    grammar cannot express "no repeated item" or "close before max_tokens", the text can.
+    """A grammar, ``(kind, text)`` (edgeagent/guidance.py: json_schema, regex or
+    lark_grammar), that may also know when its answer is complete before the grammar says
+    so (``closer``): the grammar cannot express "no repeated item" or "close before
+    max_tokens", the text can.
     A plain ``(kind, text)`` tuple is a guidance without one."""
 
     closer: Closer | None
@@ -188,9 +188,6 @@ class StopMatcher:
         out, self._pending = self._pending, ""
         return out
 
-
-#: Grammars whose admission check is remembered (each key is a grammar's text).
-GUIDANCE_CACHE = 256
 
 #: Top-p sampling sorts only this many of the most likely tokens (all of them when these
 #: do not reach top_p).
@@ -240,6 +237,8 @@ class Sequence:
     cancel_requested: bool = False
     finished: bool = False
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache
+    #: The grammar's state (an llguidance.LLMatcher) for a guided sequence, once started.
+    matcher: Any = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -345,12 +344,10 @@ class Engine:
         #: Prompt tokens run through the model (a cached prefix is not counted again).
         self.prefilled_tokens = 0
         self._token_texts: dict[int, str] = {}  # bounded by the vocabulary
-        # Guided generators are built on the transports' threads too (check_guidance): the
-        # lock keeps onnxruntime-genai's grammar set-up to one thread at a time. The first
-        # one builds the grammar's view of the vocabulary (~0.5 s): done here, at load, not
+        # The grammars' view of the vocabulary (~0.35 s of CPU): built here, at load, not
         # inside the first guided request.
-        self._guidance_lock = threading.Lock()
-        self._checked: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        self.grammars = Grammars(model_path / "tokenizer.json", self.vocab_size,
+                                 sorted(self.eos_ids))
         self.check_guidance(("json_schema", '{"type": "object"}'), Sampling())
 
     # ------------------------------------------------------------------ text
@@ -412,51 +409,12 @@ class Engine:
 
     # ------------------------------------------------------------ guidance
     def check_guidance(self, guidance: tuple[str, str], sampling: Sampling) -> None:
-        """Raise GuidanceError when onnxruntime-genai refuses this grammar or its sampling.
-
-        It builds a throw-away guided generator of two tokens (about a millisecond: the
-        grammar is compiled, nothing runs), on the caller's thread: the admission check.
-        onnxruntime-genai takes a grammar as text and compiles it for each generator, so
-        what is cached is the verdict: a grammar accepted with the same sampler options
-        is not compiled again (the most recent ``GUIDANCE_CACHE`` of them).
-        """
-        key = (guidance[0], guidance[1],
-               json.dumps(self._native_sampling(sampling), sort_keys=True))
-        with self._guidance_lock:
-            if key in self._checked:
-                self._checked.move_to_end(key)
-                return
-        try:
-            self._guided_generator(guidance, sampling, {"max_length": 2, "batch_size": 1})
-        except Exception as exc:  # onnxruntime-genai raises plain RuntimeErrors
-            raise GuidanceError(str(exc).removeprefix("Error creating grammar: ")) from exc
-        with self._guidance_lock:
-            self._checked[key] = None
-            if len(self._checked) > GUIDANCE_CACHE:
-                self._checked.popitem(last=False)
-
-    def _guided_generator(self, guidance: tuple[str, str], sampling: Sampling,
-                          options: dict[str, Any]) -> Any:
-        """A generator under onnxruntime-genai's own sampler, which applies the grammar."""
-        params = og.GeneratorParams(self.model)
-        params.set_guidance(guidance[0], guidance[1])
-        params.set_search_options(**{**options, **self._native_sampling(sampling)})
-        with self._guidance_lock:
-            return og.Generator(self.model, params)
-
-    def _native_sampling(self, sampling: Sampling) -> dict[str, Any]:
-        """onnxruntime-genai's sampler options for ``sampling``, within what it takes: top_k
-        at most the vocabulary (same draw: all of it), a seed in its int32."""
-        options: dict[str, Any] = {"do_sample": not sampling.greedy,
-                                   "repetition_penalty": sampling.repetition_penalty}
-        if not sampling.greedy:
-            top_k = sampling.top_k
-            if self.vocab_size and top_k > self.vocab_size:
-                top_k = self.vocab_size
-            options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=top_k)
-        if sampling.seed is not None:
-            options["random_seed"] = sampling.seed % 2**31
-        return options
+        """Raise GuidanceError when llguidance refuses this grammar: the admission check, on
+        the caller's thread. The grammar is compiled once per text (edgeagent/guidance.py)
+        and the sequences that run under it take copies. ``sampling`` is the engine's own
+        under a grammar as without one (the mask comes first): nothing in it is refused."""
+        del sampling
+        self.grammars.check(guidance[0], guidance[1])
 
     # ------------------------------------------------------------ generation
     @property
@@ -504,11 +462,20 @@ class Engine:
         """One step of every running batch in turn: a prefill chunk, or a token for each of
         its live sequences. The sequences pending start first, as batches of their own.
 
-        A batch that cannot be formed or stepped (a grammar onnxruntime-genai refuses, a
-        failing run) finishes its own sequences with "error"; the others are untouched.
+        A sequence whose grammar llguidance refuses, and a batch that cannot be formed or
+        stepped (a failing run), finish their own sequences with "error"; the others are
+        untouched.
         """
         out: list[Event] = []
         self._reap_cancelled(out)
+        for seq in [s for s in self._pending if s.matcher is None]:
+            if seq.guidance is None:
+                continue
+            try:
+                seq.matcher = self.grammars.matcher(seq.guidance[0], seq.guidance[1])
+            except Exception as exc:
+                self._pending.remove(seq)
+                out.extend(self._fail([seq], "the grammar was refused", exc))
         while self._pending:
             rows = self._next_rows()
             for seq in rows:
@@ -569,9 +536,8 @@ class Engine:
                 self._retire(batch)
 
     def _runs_alone(self, seq: Sequence) -> bool:
-        """Guided, longer than a prefill chunk, or starting with a cached prompt."""
-        return (seq.guidance is not None or len(seq.prompt) > self.plan.prefill_chunk
-                or self.prefix_cache.hits(seq.prompt))
+        """Longer than a prefill chunk, or starting with a cached prompt."""
+        return len(seq.prompt) > self.plan.prefill_chunk or self.prefix_cache.hits(seq.prompt)
 
     def _next_rows(self) -> list[Sequence]:
         """The oldest pending sequence, and those that can share its batch."""
@@ -590,7 +556,7 @@ class Engine:
 
     def _form_batch(self, rows: list[Sequence]) -> _Batch:
         """A generator for ``rows``, their prompts left-padded to the longest."""
-        if len(rows) == 1 and rows[0].guidance is None and self.prefix_cache.enabled:
+        if len(rows) == 1 and self.prefix_cache.enabled:
             return self._cacheable_batch(rows[0])
         width = max(len(seq.prompt) for seq in rows)
         longest = max(seq.max_new for seq in rows)
@@ -606,13 +572,9 @@ class Engine:
         native_min = len(min_new) == 1  # rows agree: the search blocks EOS, no rewrite
         if native_min and (least := min_new.pop()) > 0:
             options["min_length"] = width + least
-        first = rows[0]
-        if first.guidance is not None:  # alone (see _next_rows)
-            generator = self._guided_generator(first.guidance, first.sampling, options)
-        else:
-            params = og.GeneratorParams(self.model)
-            params.set_search_options(**options)
-            generator = og.Generator(self.model, params)
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(**options)
+        generator = og.Generator(self.model, params)
         return _Batch(generator, rows, prompt, self.plan.prefill_chunk, native_min)
 
     def _cacheable_batch(self, seq: Sequence) -> _Batch:
@@ -632,15 +594,15 @@ class Engine:
                       fed=seq.cached_tokens, cacheable=True)
 
     def _rewrite_logits(self, batch: _Batch) -> dict[int, np.ndarray]:
-        """Apply each row's own sampling: penalties and EOS masks, then the draw. Returns
-        the log-softmax of the raw logits of the rows that asked for logprobs, by row.
+        """Apply each row's own sampling: penalties, EOS and grammar masks, then the draw.
+        Returns the log-softmax of the raw logits of the rows that asked for logprobs, by
+        row.
 
         Logits leave the generator only when a row needs them: a batch of plain rows
         steps exactly as before."""
-        guided = batch.rows[0].guidance is not None  # onnxruntime-genai samples it
-        rewrite = [] if guided else [
+        rewrite = [
             i for i, seq in enumerate(batch.rows) if not seq.finished and (
-                seq.sampling.rewrites_logits
+                seq.sampling.rewrites_logits or seq.matcher is not None
                 or (not batch.native_min and len(seq.produced) < seq.min_new))]
         read = [i for i, seq in enumerate(batch.rows)
                 if not seq.finished and seq.sampling.logprobs is not None]
@@ -666,6 +628,10 @@ class Engine:
             row[ids] -= sampling.frequency_penalty * counts + sampling.presence_penalty
         if len(seq.produced) < seq.min_new:
             row[self._eos] = -np.inf
+        if seq.matcher is not None:
+            mask_logits(seq.matcher, row)
+            if not np.isfinite(row).any():  # only EOS ends the grammar: it wins over min_tokens
+                row[self._eos] = 0.0
         if sampling.greedy:
             return row  # the generator's greedy search takes the argmax
         token = sample_token(row, sampling, seq.rng)
@@ -681,10 +647,17 @@ class Engine:
         text, hit = seq.stops.feed(seq.stream.decode(token))
         logprobs = [] if dist is None else [self._logprob(dist, token, seq.sampling.logprobs)]
         out: list[Event] = [(seq, Delta(token, text, logprobs))]
-        if hit:
+        matcher = seq.matcher
+        if matcher is not None and not matcher.consume_token(token):
+            out.append((seq, self._finish(
+                seq, "error", error=f"the grammar refused a token: {matcher.get_error()}")))
+        elif hit:
             out.append((seq, self._finish(seq, "stop", stopped_by_string=True)))
         elif (closing := self._closing(seq, text)) is not None:
             out.append((seq, self._finish(seq, "stop", closing=closing)))
+        elif matcher is not None and matcher.is_stopped():
+            # The grammar allows nothing but EOS: the answer is whole, no step for it.
+            out.append((seq, self._finish(seq, "stop")))
         elif len(seq.produced) >= seq.max_new:
             out.append((seq, self._finish(seq, "length")))
         return out

@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import llguidance
 import pytest
 
-from edgeagent.engine import Engine, GuidanceError, Sampling
+from edgeagent.engine import Delta, Engine, Finish, GuidanceError, Sampling
 from edgeagent.planner import ModelMeta, plan
 from edgeagent.probe import probe
 from edgeagent.protocol import (
@@ -214,27 +215,48 @@ def engine(default_model: Path) -> Engine:
     return Engine(default_model, the_plan)
 
 
-def test_a_grammar_is_compiled_once_for_its_admission(engine: Engine,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """onnxruntime-genai compiles a grammar for each generator; the admission check is
-    remembered per grammar, so a repeated schema builds no throw-away generator."""
-    built: list[Any] = []
-    real = engine._guided_generator
+def test_a_grammar_is_compiled_once_for_its_admission_and_its_sequences(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """llguidance compiles a grammar once per text: the admission check compiles it, and
+    repeated checks (whatever the sampling) and the sequences that run under it take it."""
+    built: list[str] = []
+    real = llguidance.LLMatcher
 
-    def counting(*args: Any) -> Any:
-        built.append(args[0])
-        return real(*args)
+    def counting(tokenizer: Any, grammar: str, **kwargs: Any) -> Any:
+        built.append(grammar)
+        return real(tokenizer, grammar, **kwargs)
 
-    monkeypatch.setattr(engine, "_guided_generator", counting)
+    monkeypatch.setattr(llguidance, "LLMatcher", counting)
     guidance = ("json_schema", json.dumps({"type": "object", "properties": {
-        "n": {"type": "integer"}}, "x-guidance": {"whitespace_flexible": False}}))
+        "n": {"type": "integer", "maximum": 99}}, "required": ["n"],
+        "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}))
     for _ in range(3):
         engine.check_guidance(guidance, Sampling(max_tokens=5))
     engine.check_guidance(guidance, Sampling(max_tokens=50))  # max_tokens is not the grammar's
+    engine.check_guidance(guidance, Sampling(temperature=0.7))  # nor is the sampler
     assert len(built) == 1
-    engine.check_guidance(guidance, Sampling(temperature=0.7))  # another sampler: checked
-    assert len(built) == 2
+    prompt = engine.encode(engine.chat_prompt([{"role": "user", "content": "A number?"}]))
+    for sampling in (Sampling(max_tokens=12), Sampling(max_tokens=12, temperature=0.9, seed=3)):
+        items = list(engine.generate(prompt, sampling, guidance=guidance))
+        fin = items[-1]
+        assert isinstance(fin, Finish) and fin.reason == "stop", fin
+        text = "".join(i.text for i in items if isinstance(i, Delta)) + fin.tail
+        assert set(json.loads(text)) == {"n"}
+    assert len(built) == 1
     for _ in range(2):  # a refusal is not remembered as an acceptance
         with pytest.raises(GuidanceError):
             engine.check_guidance(("json_schema", '{"type": "hiccup"}'), Sampling())
-    assert len(built) == 4
+    assert len(built) == 3
+
+
+def test_a_seeded_guided_answer_repeats(engine: Engine) -> None:
+    """Sampling under a grammar is the engine's own: a seed gives the same answer again."""
+    guidance = ("json_schema", json.dumps({"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 16}}, "required": ["city"],
+        "x-guidance": {"whitespace_flexible": False}}))
+    prompt = engine.encode(engine.chat_prompt(
+        [{"role": "user", "content": "Name a city, as JSON."}]))
+    sampling = Sampling(max_tokens=24, temperature=1.0, top_p=0.9, seed=42)
+    answers = [[i.token for i in engine.generate(prompt, sampling, guidance=guidance)
+                if isinstance(i, Delta)] for _ in range(2)]
+    assert answers[0] == answers[1]

@@ -3,14 +3,16 @@ with and without it while prefilling only the new tokens."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgeagent.engine import Delta, Engine, Finish, Sampling
+from edgeagent.engine import Delta, Engine, Finish, Guidance, Sampling
 from edgeagent.planner import GB, MB, ModelMeta, PlanError, plan
 from edgeagent.prefix_cache import common_prefix
 from edgeagent.probe import Hardware, probe
@@ -218,3 +220,30 @@ def test_with_the_cache_full_a_long_prompt_stays_within_the_plan(start_daemon: A
     budget = p["kv_bytes"] + p["logits_bytes"] + p["attention_bytes"] + p["prefix_cache_bytes"]
     print(f"peak over idle {(peak - idle) / MB:.0f} MB, plan {budget / MB:.0f} MB")
     assert peak - idle <= budget + 48 * MB
+
+
+TURBINE_SCHEMA = {"type": "object", "properties": {
+    "sensor": {"type": "string", "maxLength": 24},
+    "level": {"type": "integer", "minimum": 0, "maximum": 999}},
+    "required": ["sensor", "level"], "additionalProperties": False}
+
+
+def test_a_guided_request_takes_the_system_prompt_an_unguided_one_left(
+        cached: Engine) -> None:
+    """A guided row runs like any row: on the cached generator of an earlier unguided
+    answer with the same system prompt, prefilling only its own tokens, and its answer is
+    still JSON under its schema."""
+    system = system_prompt("turbine", sensors=20)
+    run(cached, chat(cached, system, "Any alarms?"))
+    prompt = chat(cached, system, "Give sensor turbine-3's name and alarm level as JSON.")
+    guidance = Guidance("json_schema", json.dumps(
+        {**TURBINE_SCHEMA, "x-guidance": {"whitespace_flexible": False}}))
+    cached.check_guidance(guidance, Sampling())
+    before = cached.prefilled_tokens
+    items = list(cached.generate(prompt, Sampling(max_tokens=64), guidance=guidance))
+    fin = items[-1]
+    assert isinstance(fin, Finish) and fin.reason == "stop", fin
+    assert fin.cached_tokens > 300  # the system prompt came from the cache
+    assert cached.prefilled_tokens - before == len(prompt) - fin.cached_tokens
+    text = "".join(i.text for i in items if isinstance(i, Delta)) + fin.tail
+    jsonschema.validate(json.loads(text), TURBINE_SCHEMA)
