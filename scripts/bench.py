@@ -38,9 +38,11 @@ Python sampler) join the CPU rows as a third column.
 Guided answers (a tool call, a long JSON answer) are measured on the engine against
 unguided answers of as many tokens on the same prompt tokens (the tools' system note
 included), alternated: decode tok/s, TTFT (the grammar's admission check and set-up
-included, as a request pays them) and the grammar's admission check alone. The unguided
-answer runs cold (prefix cache emptied first) and then warm (its prompt cached): a guided
-sequence runs on a generator of its own, which the prefix cache cannot serve.
+included, as a request pays them) and the grammar's admission check alone. Each runs cold
+(prefix cache emptied first) and then warm (its prompt cached by the unguided answer: a
+guided row takes the prefix cache like any); "first token vs unguided, warm prompt" is the
+guided request's first token against the unguided answer's on the same warm prompt, in
+wall and in process CPU time.
 """
 
 from __future__ import annotations
@@ -207,46 +209,96 @@ GUIDED: dict[str, dict[str, Any]] = {
 }
 
 
-def guided_run(engine: Engine, p: protocol.Prepared) -> tuple[Run, int]:
+@dataclass
+class GuidedRun:
+    """A run's wall figures, its tokens, and its process CPU time to the first token and
+    per token after it."""
+
+    run: Run
+    tokens: int
+    ttft_cpu_s: float
+    decode_cpu_s: float
+
+
+def cpu_timed(items: Any, prompt_tokens: int, t0: float, c0: float) -> GuidedRun:
+    """Like ``timed``, with the process CPU time (from ``c0``) of the first token and of
+    each one after it."""
+    first = last = 0.0
+    cfirst = clast = 0.0
+    count = 0
+    for item in items:
+        if isinstance(item, Delta):
+            last, clast = time.perf_counter(), time.process_time()
+            count += 1
+            if count == 1:
+                first, cfirst = last, clast
+    run = Run(rate(count - 1, last - first), first - t0, rate(prompt_tokens, first - t0))
+    return GuidedRun(run, count, cfirst - c0, (clast - cfirst) / max(1, count - 1))
+
+
+def guided_run(engine: Engine, p: protocol.Prepared) -> GuidedRun:
     """A guided request as the daemon runs it: the admission check, then the generation."""
     assert p.guidance is not None
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     engine.check_guidance(p.guidance, p.sampling)
-    return timed(engine.generate(p.prompt_tokens, p.sampling, guidance=p.guidance),
-                 len(p.prompt_tokens), t0)
+    return cpu_timed(engine.generate(p.prompt_tokens, p.sampling, guidance=p.guidance),
+                     len(p.prompt_tokens), t0, c0)
+
+
+def unguided_run(engine: Engine, tokens: np.ndarray, n: int) -> GuidedRun:
+    t0, c0 = time.perf_counter(), time.process_time()
+    return cpu_timed(engine.generate(tokens, Sampling(max_tokens=n, ignore_eos=True)),
+                     len(tokens), t0, c0)
 
 
 def guided_block(engine: Engine, n: int, repeat: int) -> dict[str, dict[str, Any]]:
     """Each guided request beside unguided answers of as many tokens on the same prompt
-    tokens, cold then warm, alternated: median decode tok/s and TTFT of each, the median
-    ratios of the guided run to the cold one (and its TTFT to the warm one's), and the
-    median time of the grammar's admission check (remembered after the first)."""
+    tokens, alternated: with the prefix cache emptied, the guided request and then the
+    unguided answer (cold); then the unguided answer again and the guided request again,
+    both on the prompt the first unguided answer left in the cache (warm). Median decode
+    tok/s and TTFT (wall, and CPU) of each, the median ratios of guided to unguided runs in
+    the same state, and the median time of the grammar's admission check (remembered after
+    the first)."""
     out: dict[str, dict[str, Any]] = {}
     for name, body in GUIDED.items():
         req = protocol.ChatCompletionRequest.model_validate({**body, "max_tokens": n})
         p = protocol.prepare_chat(req, engine, Settings(), "bench")
         assert p.guidance is not None
-        runs: dict[str, list[Run]] = {"guided": [], "unguided": [], "unguided_warm": []}
-        checks, counts = [], []
+        runs: dict[str, list[GuidedRun]] = {
+            "guided": [], "unguided": [], "unguided_warm": [], "guided_warm": []}
+        checks = []
         for _ in range(repeat):
-            run, count = guided_run(engine, p)
-            runs["guided"].append(run)
-            counts.append(count)
             engine.prefix_cache.clear()
-            runs["unguided"].append(engine_run(engine, p.prompt_tokens, max(2, count)))
-            runs["unguided_warm"].append(engine_run(engine, p.prompt_tokens, max(2, count)))
+            runs["guided"].append(guided_run(engine, p))
+            count = max(2, runs["guided"][-1].tokens)
+            engine.prefix_cache.clear()
+            runs["unguided"].append(unguided_run(engine, p.prompt_tokens, count))
+            runs["unguided_warm"].append(unguided_run(engine, p.prompt_tokens, count))
+            runs["guided_warm"].append(guided_run(engine, p))
             t = time.perf_counter()
             engine.check_guidance(p.guidance, p.sampling)
             checks.append(time.perf_counter() - t)
-        pairs = list(zip(runs["guided"], runs["unguided"], strict=True))
+
+        def ratio(a: str, b: str, key: Callable[[GuidedRun], float],
+                  runs: dict[str, list[GuidedRun]] = runs) -> float:
+            return median([key(x) / key(y) for x, y in zip(runs[a], runs[b], strict=True)])
+
         out[name] = {
-            "prompt_tokens": len(p.prompt_tokens), "tokens": median(counts),
-            **{f"{k}_decode_tps": median([r.decode_tps for r in v]) for k, v in runs.items()},
-            **{f"{k}_ttft_s": median([r.ttft_s for r in v]) for k, v in runs.items()},
-            "decode_vs_unguided": median([g.decode_tps / u.decode_tps for g, u in pairs]),
-            "ttft_vs_unguided": median([g.ttft_s / u.ttft_s for g, u in pairs]),
-            "ttft_vs_unguided_warm": median([g.ttft_s / w.ttft_s for g, w in zip(
-                runs["guided"], runs["unguided_warm"], strict=True)]),
+            "prompt_tokens": len(p.prompt_tokens),
+            "tokens": median([r.tokens for r in runs["guided"]]),
+            **{f"{k}_decode_tps": median([r.run.decode_tps for r in v])
+               for k, v in runs.items()},
+            **{f"{k}_ttft_s": median([r.run.ttft_s for r in v]) for k, v in runs.items()},
+            **{f"{k}_ttft_cpu_s": median([r.ttft_cpu_s for r in v]) for k, v in runs.items()},
+            **{f"{k}_decode_cpu_ms": median([r.decode_cpu_s for r in v]) * 1000
+               for k, v in runs.items()},
+            "decode_vs_unguided": ratio("guided_warm", "unguided_warm",
+                                        lambda r: r.run.decode_tps),
+            "ttft_vs_unguided": ratio("guided", "unguided", lambda r: r.run.ttft_s),
+            "ttft_vs_unguided_warm": ratio("guided_warm", "unguided_warm",
+                                           lambda r: r.run.ttft_s),
+            "ttft_cpu_vs_unguided_warm": ratio("guided_warm", "unguided_warm",
+                                               lambda r: r.ttft_cpu_s),
             "check_ms": median(checks) * 1000}
     return out
 
@@ -965,15 +1017,19 @@ def measure(args: argparse.Namespace, model_path: Path) -> tuple[dict[str, Any],
     rows.extend((f"decode tok/s, {name}", f["decode_tps"] / f["vs_raw"], f["decode_tps"],
                  "engine") for name, f in features.items())
     results["guided"] = guided
-    # "raw loop" column: the unguided answer (cold, or warm: its prompt in the prefix
-    # cache); the ratios printed are the medians of pairs
+    # "raw loop" column: the unguided answer in the same state (cold, or warm: its prompt
+    # in the prefix cache); the ratios printed are the medians of pairs
     for name, g in guided.items():
-        rows.append((f"guided decode tok/s, {name}", g["guided_decode_tps"]
-                     / g["decode_vs_unguided"], g["guided_decode_tps"], "engine"))
-        rows.append((f"guided TTFT ms, {name}", g["guided_ttft_s"] * 1000
+        rows.append((f"guided decode tok/s, {name}", g["guided_warm_decode_tps"]
+                     / g["decode_vs_unguided"], g["guided_warm_decode_tps"], "engine"))
+        rows.append((f"guided TTFT ms, {name}, cold", g["guided_ttft_s"] * 1000
                      / g["ttft_vs_unguided"], g["guided_ttft_s"] * 1000, "engine"))
-        rows.append((f"guided TTFT ms, {name}, vs warm", g["guided_ttft_s"] * 1000
-                     / g["ttft_vs_unguided_warm"], g["guided_ttft_s"] * 1000, "engine"))
+        rows.append((f"{name} first token vs unguided, warm prompt, ms",
+                     g["guided_warm_ttft_s"] * 1000 / g["ttft_vs_unguided_warm"],
+                     g["guided_warm_ttft_s"] * 1000, "engine"))
+        rows.append((f"{name} first token vs unguided, warm prompt, CPU ms",
+                     g["guided_warm_ttft_cpu_s"] * 1000 / g["ttft_cpu_vs_unguided_warm"],
+                     g["guided_warm_ttft_cpu_s"] * 1000, "engine"))
     conc_doc: dict[str, list[dict[str, Any]]] = {}
     daemons: dict[str, dict[str, Any]] = {}
     c4 = 4 if 4 in clients else clients[-1]
