@@ -24,6 +24,11 @@ SMOL = ModelMeta(name="smollm2-135m", num_hidden_layers=30, num_key_value_heads=
                  num_attention_heads=9, last_logits_only=True)
 CONTEXT = 2048
 ENTRY = SMOL.kv_bytes_per_token * CONTEXT  # one cached prompt: a full-context KV cache
+#: A small guided answer: a sensor's name and level.
+TURBINE_SCHEMA = {"type": "object", "properties": {
+    "sensor": {"type": "string", "maxLength": 24},
+    "level": {"type": "integer", "minimum": 0, "maximum": 999}},
+    "required": ["sensor", "level"], "additionalProperties": False}
 
 
 def box(available: int) -> Hardware:
@@ -176,17 +181,27 @@ def test_metrics_and_health_report_hits_tokens_saved_and_bytes_held(
                 "messages": [{"role": "system", "content": system},
                              {"role": "user", "content": question}], "max_tokens": 4})
             assert r.status_code == 200, r.text
+        # A guided request (response_format) on the same system prompt: a hit too.
+        r = http.post("/v1/chat/completions", json={
+            "messages": [{"role": "system", "content": system},
+                         {"role": "user", "content": "Sensor compressor-3's level, as JSON."}],
+            "response_format": {"type": "json_schema", "json_schema": {
+                "name": "level", "schema": TURBINE_SCHEMA}},
+            "max_tokens": 48})
+        assert r.status_code == 200, r.text
+        answer = json.loads(r.json()["choices"][0]["message"]["content"])
+        jsonschema.validate(answer, TURBINE_SCHEMA)
         families = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
         serving = http.get("/health").json()["serving"]
 
     def value(name: str) -> float:
         return float(families[name].samples[0].value)
 
-    assert value("edgeagent_prefix_cache_hits") == 1
-    assert value("edgeagent_prefix_cache_tokens_saved") > 300  # the system prompt, once
+    assert value("edgeagent_prefix_cache_hits") == 2
+    assert value("edgeagent_prefix_cache_tokens_saved") > 600  # the system prompt, twice
     assert value("edgeagent_prefix_cache_entries") == 1
     assert value("edgeagent_prefix_cache_bytes") == ENTRY
-    assert (serving["prefix_cache_hits"], serving["prefix_cache_bytes"]) == (1, ENTRY)
+    assert (serving["prefix_cache_hits"], serving["prefix_cache_bytes"]) == (2, ENTRY)
 
 
 def _status_kb(pid: int, key: str) -> int:
@@ -222,12 +237,6 @@ def test_with_the_cache_full_a_long_prompt_stays_within_the_plan(start_daemon: A
     assert peak - idle <= budget + 48 * MB
 
 
-TURBINE_SCHEMA = {"type": "object", "properties": {
-    "sensor": {"type": "string", "maxLength": 24},
-    "level": {"type": "integer", "minimum": 0, "maximum": 999}},
-    "required": ["sensor", "level"], "additionalProperties": False}
-
-
 def test_a_guided_request_takes_the_system_prompt_an_unguided_one_left(
         cached: Engine) -> None:
     """A guided row runs like any row: on the cached generator of an earlier unguided
@@ -247,3 +256,41 @@ def test_a_guided_request_takes_the_system_prompt_an_unguided_one_left(
     assert cached.prefilled_tokens - before == len(prompt) - fin.cached_tokens
     text = "".join(i.text for i in items if isinstance(i, Delta)) + fin.tail
     jsonschema.validate(json.loads(text), TURBINE_SCHEMA)
+
+
+def test_a_guided_row_batches_and_leaves_its_neighbour_untouched(uncached: Engine) -> None:
+    """Short prompts batch whether guided or not: the guided row's mask is its own (its
+    answer is JSON under its schema), and the row beside it answers as beside a plain row."""
+    a = chat(uncached, "You answer in JSON.", "Give sensor pump-1's name and level.")
+    b = chat(uncached, "You are terse.", "Name a pump part.")
+    guidance = Guidance("json_schema", json.dumps(
+        {**TURBINE_SCHEMA, "x-guidance": {"whitespace_flexible": False}}))
+
+    def together(first: Guidance | None) -> tuple[str, list[int]]:
+        seqs = [uncached.start(a, Sampling(max_tokens=48), first),
+                uncached.start(b, Sampling(max_tokens=16))]
+        text: dict[int, str] = {0: "", 1: ""}
+        tokens: list[int] = []
+        done: set[int] = set()
+        steps = 0
+        while len(done) < 2:
+            events = uncached.step()
+            if steps == 0:
+                assert [len(batch.rows) for batch in uncached._batches] == [2]
+            steps += 1
+            for seq, item in events:
+                i = seqs.index(seq)
+                if isinstance(item, Delta):
+                    text[i] += item.text
+                    if i == 1:
+                        tokens.append(item.token)
+                else:
+                    assert item.reason in ("stop", "length"), item
+                    text[i] += item.tail
+                    done.add(i)
+        return text[0], tokens
+
+    guided, beside_guided = together(guidance)
+    jsonschema.validate(json.loads(guided), TURBINE_SCHEMA)
+    _, beside_plain = together(None)
+    assert beside_guided == beside_plain
