@@ -13,12 +13,22 @@ printed with their ratio.
     /path/to/venv-with-llama-cpp/bin/python scripts/compare_llama_cpp.py --llama-only \
         --threads 2 --contexts 512,2048
 
-prints llama.cpp's figures alone as JSON, for ``scripts/bench.py``'s llama.cpp column (a venv
-with llama-cpp-python needs nothing of edgeagent for it): decode tok/s after a prompt of
-each of ``--contexts`` tokens (with ``--threads`` threads, wall time) and CPU ms per
-generated token with one thread, short prompt. These run llama.cpp's own decode loop through
-the low-level API (``llama_decode`` on one token, the argmax of its logits), not the
-Python sampler of ``Llama.generate``.
+    /path/to/venv-with-both/bin/python scripts/compare_llama_cpp.py --cpu \
+        --model DIR [--model DIR2 ...] [--rounds 3]
+
+measures CPU time per token with ONE thread (process CPU time: the least noisy figure on a
+shared machine), the engines alternated round by round: greedy decode after a short prompt
+and after a 2,048-token prompt, and the prefill of a 512-token prompt (CPU ms per prompt
+token); llama.cpp with and without flash attention, onnxruntime-genai on each ``--model``
+with the engine's session options (no spinning). It prints a markdown table and the
+ratios to llama.cpp's best.
+
+``--llama-only`` prints llama.cpp's figures alone as JSON, for ``scripts/bench.py``'s
+llama.cpp column (a venv with llama-cpp-python needs nothing of edgeagent for it): decode
+tok/s after a prompt of each of ``--contexts`` tokens (with ``--threads`` threads, wall
+time) and CPU ms per generated token with one thread, short prompt. These run llama.cpp's
+own decode loop through the low-level API (``llama_decode`` on one token, the argmax of its
+logits), not the Python sampler of ``Llama.generate``.
 """
 
 from __future__ import annotations
@@ -148,13 +158,95 @@ def genai_decode(model: Path, threads: int, tokens: int, repeat: int) -> list[fl
     return runs[1:]  # the first run warms up
 
 
+#: The --cpu rows: (name, prompt tokens, generated tokens); 0 generated is a prefill row.
+CPU_ROWS = (("decode, short prompt", 0, 128), ("decode after 2,048 tokens", 2048, 64),
+            ("prefill 512 tokens", 512, 0))
+
+
+def llama_cpu_row(llm: Any, prompt: list[int], tokens: int) -> float:
+    """CPU ms per generated token (or per prompt token when ``tokens`` is 0)."""
+    import llama_cpp
+
+    if tokens:
+        return low_level_decode(llm, prompt, tokens)[1]
+    clear_memory(llm)
+    cpu = time.process_time()
+    for start in range(0, len(prompt), llm.n_batch):
+        part = prompt[start:start + llm.n_batch]
+        array = (llama_cpp.llama_token * len(part))(*part)
+        if llama_cpp.llama_decode(llm.ctx, llama_cpp.llama_batch_get_one(array, len(part))):
+            raise RuntimeError("llama_decode failed")
+    return (time.process_time() - cpu) * 1000 / len(prompt)
+
+
+def genai_cpu_row(model: Any, prompt: list[int], tokens: int, chunk: int = 256) -> float:
+    """The same on onnxruntime-genai's raw loop (prompt appended in the engine's chunks)."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + tokens + 8, do_sample=False)
+    generator = og.Generator(model, params)
+    cpu = time.process_time()
+    for start in range(0, len(prompt), chunk):
+        generator.append_tokens(np.asarray(prompt[start:start + chunk], dtype=np.int32))
+    if not tokens:
+        return (time.process_time() - cpu) * 1000 / len(prompt)
+    generator.generate_next_token()
+    cpu = time.process_time()
+    for _ in range(tokens - 1):
+        generator.generate_next_token()
+    return (time.process_time() - cpu) * 1000 / (tokens - 1)
+
+
+def cpu_compare(gguf: Path, models: list[Path], rounds: int) -> str:
+    """One thread each, alternated round by round; medians in a markdown table."""
+    import onnxruntime_genai as og
+    from llama_cpp import Llama
+
+    engines: dict[str, tuple[str, Any]] = {}
+    for flash in (True, False):
+        engines[f"llama.cpp Q4_1, flash_attn={flash}"] = ("llama", Llama(
+            model_path=str(gguf), n_threads=1, n_threads_batch=1, n_ctx=2048 + 256,
+            n_batch=512, flash_attn=flash, verbose=False))
+    overlay = json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": 1, "session.intra_op.allow_spinning": "0"}}}})
+    for path in models:
+        config = og.Config(str(path))
+        config.overlay(overlay)
+        engines[f"onnxruntime-genai {path.name}"] = ("genai", og.Model(config))
+    words = next(iter(engines.values()))[1].tokenize((PROMPT + " ").encode() * 400)
+    prompts = {0: words[:12], 512: words[:512], 2048: words[:2048]}
+    runs: dict[tuple[str, str], list[float]] = {}
+    for _ in range(rounds + 1):  # the first round warms up and is dropped
+        for name, (kind, engine) in engines.items():
+            for row, length, tokens in CPU_ROWS:
+                measure = llama_cpu_row if kind == "llama" else genai_cpu_row
+                runs.setdefault((name, row), []).append(measure(engine, prompts[length],
+                                                                 tokens))
+    med = {key: statistics.median(v[1:]) for key, v in runs.items()}
+    lines = ["| engine | " + " | ".join(f"{row}, CPU ms/token" for row, _, _ in CPU_ROWS)
+             + " |", "|---" * (len(CPU_ROWS) + 1) + "|"]
+    for name in engines:
+        lines.append(f"| {name} | " + " | ".join(
+            f"{med[(name, row)]:.2f} ({1000 / med[(name, row)]:.0f} tok/s)"
+            for row, _, _ in CPU_ROWS) + " |")
+    best = {row: min(med[(n, row)] for n in engines if n.startswith("llama"))
+            for row, _, _ in CPU_ROWS}
+    for name in engines:
+        if not name.startswith("llama"):
+            lines.append(f"| {name} / llama.cpp's best (speed, >1 is faster) | " + " | ".join(
+                f"{best[row] / med[(name, row)]:.2f}x" for row, _, _ in CPU_ROWS) + " |")
+    return "\n".join(lines) + f"\n\n{rounds} rounds after a warm-up, medians; one thread.\n"
+
+
 def main() -> int:
     from edgeagent.settings import Settings
 
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", type=Path, default=None)
-    ap.add_argument("--model", type=Path, default=None, help="onnxruntime-genai folder")
+    ap.add_argument("--model", type=Path, action="append", default=None,
+                    help="onnxruntime-genai folder (repeatable with --cpu)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=5)
@@ -163,6 +255,9 @@ def main() -> int:
                     help="llama.cpp's figures alone, as JSON (for scripts/bench.py)")
     ap.add_argument("--contexts", default="512,2048",
                     help="with --llama-only: prompt lengths for decode tok/s")
+    ap.add_argument("--cpu", action="store_true",
+                    help="CPU ms per token, one thread, every --model against llama.cpp")
+    ap.add_argument("--rounds", type=int, default=3, help="with --cpu")
     args = ap.parse_args()
     gguf = args.gguf or cached_gguf()
     if gguf is None:
@@ -173,7 +268,10 @@ def main() -> int:
         print(json.dumps(llama_only(gguf, args.threads, args.tokens, args.repeat, contexts,
                                     not args.no_flash_attn)))
         return 0
-    model = args.model or Settings().model_path
+    if args.cpu:
+        print(cpu_compare(gguf, args.model or [Settings().model_path], args.rounds))
+        return 0
+    model = args.model[0] if args.model else Settings().model_path
     llama: list[float] = []
     genai: list[float] = []
     for _ in range(2):  # interleaved halves: drift of a shared machine hits both
