@@ -114,8 +114,11 @@ class Outcome:
 
 def judge(case: dict[str, Any], o: Outcome) -> Outcome:
     accepted: list[list[dict[str, Any]]] = case["accepted"]
-    o.no_call = not o.calls
-    o.leak = '"tool_calls"' in (o.content or "")
+    # An answer in text: no call, and neither an error nor a broken answer (an envelope or
+    # a <tool_call> cut by max_tokens is a call begun, not text).
+    o.no_call = not o.calls and o.error is None and o.valid_json
+    # our envelope in an answer read as text (a cut envelope is counted as truncated)
+    o.leak = o.valid_json and '"tool_calls"' in (o.content or "")
     keys = [json.dumps([c.get("name"), c.get("arguments")], sort_keys=True) for c in o.calls]
     o.duplicates = len(keys) != len(set(keys))
     if not accepted:  # no tool fits: right when answered in text
@@ -238,8 +241,11 @@ def parse_answer(choice: dict[str, Any], mode: str
     return calls, content, valid
 
 
-def ask(client: httpx.Client, case: dict[str, Any], tools: dict[str, Any],
-        args: argparse.Namespace) -> Outcome:
+def request_body(case: dict[str, Any], tools: dict[str, Any],
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """The chat completion request for one case in ``args.mode``: OpenAI's ``tools`` and
+    ``tool_choice`` in ``tools`` mode only (after ``args.system`` as a system message, if
+    given); the other modes carry their own system prompt (and schema) and no ``tools``."""
     offered = [tools[name] for name in case["tools"]]
     messages = case["messages"]
     choice = case.get("tool_choice", "auto")
@@ -255,12 +261,20 @@ def ask(client: httpx.Client, case: dict[str, Any], tools: dict[str, Any],
         body["messages"], fmt = trained_request(offered, messages, args.mode == "trained_guided")
         if fmt is not None:
             body["response_format"] = fmt
+    else:
+        if args.system is not None:
+            messages = [{"role": "system", "content": args.system}, *messages]
+        body.update(messages=messages, tools=offered, tool_choice=choice)
     if args.schema_as_json_object and "response_format" in body:
         # llama-cpp-python's server takes a schema only as {"type": "json_object", "schema"}
         body["response_format"] = {"type": "json_object",
                                    "schema": body["response_format"]["json_schema"]["schema"]}
-    else:
-        body.update(messages=messages, tools=offered, tool_choice=choice)
+    return body
+
+
+def ask(client: httpx.Client, case: dict[str, Any], tools: dict[str, Any],
+        args: argparse.Namespace) -> Outcome:
+    body = request_body(case, tools, args)
     start = time.perf_counter()
     try:
         r = client.post("chat/completions", json=body)
@@ -389,7 +403,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       f"{json.dumps(r.calls)[:160]} {(r.content or '')[:60]!r} "
                       f"{r.error or ''}", file=sys.stderr)
     return {"label": args.label, "mode": args.mode, "max_tokens": args.max_tokens,
-            "temperature": args.temperature, "summary": report(rows),
+            "temperature": args.temperature, "endpoint": args.base_url or args.socket
+            or str(args.model_path or "default model"), "every": args.every,
+            "schema_as_json_object": args.schema_as_json_object, "system": args.system,
+            "summary": report(rows),
             "cases": [asdict(r) for r in rows]}
 
 
@@ -409,6 +426,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", default="edgeagent", help="the request's model field")
     ap.add_argument("--schema-as-json-object", action="store_true", help="send a schema as "
                     "{type: json_object, schema} (llama-cpp-python's server)")
+    ap.add_argument("--system", help="in tools mode, a system message before each case's "
+                    "messages (llama-cpp-python's chatml-function-calling lists the tools "
+                    "only inside a system message)")
     ap.add_argument("--cases", type=Path, default=CASES)
     ap.add_argument("--tools", type=Path, default=TOOLS)
     ap.add_argument("--ids", nargs="+", help="only these case ids")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from scripts.eval_tools import CASES, Outcome, judge, load_cases
+from scripts.eval_tools import CASES, TOOLS, Outcome, judge, load_cases, parse_args, request_body
 from tests.conftest import REPO, DaemonProc
 
 
@@ -68,6 +68,46 @@ def test_no_tool_fits_is_right_in_text_and_a_leak_is_seen() -> None:
     assert not judge(case, outcome([call("read_sensor", sensor_id="x")], "irrelevance")
                      ).all_right
     assert judge(case, outcome([], "irrelevance", '{"tool_calls":[{"na')).leak
+    failed = outcome([], "irrelevance")
+    failed.error = "timed out"
+    assert not judge(case, failed).no_call and not judge(case, failed).all_right
+    cut = Outcome("t", "irrelevance", [], '{"tool_calls": [{"name": "read_se', "length",
+                  False, 0.1, 128)
+    assert not judge(case, cut).no_call and not judge(case, cut).all_right
+
+
+# ------------------------------------------------------------------ the requests
+def test_each_mode_sends_its_own_prompt_and_only_tools_mode_sends_tools() -> None:
+    case = next(c for c in load_cases(CASES, None, None) if c["id"] == "single-001")
+    tools = json.loads(TOOLS.read_text())
+    url = ["--base-url", "http://127.0.0.1:1/v1", "--max-tokens", "64"]
+
+    native = request_body(case, tools, parse_args([*url, "--mode", "tools"]))
+    assert native["messages"] == case["messages"]
+    assert [t["function"]["name"] for t in native["tools"]] == case["tools"]
+    assert "response_format" not in native and native["temperature"] == 0.0
+
+    with_system = request_body(case, tools, parse_args([*url, "--system", "Be brief."]))
+    assert with_system["messages"] == [{"role": "system", "content": "Be brief."},
+                                       *case["messages"]]
+
+    ours = request_body(case, tools, parse_args([*url, "--mode", "response_format"]))
+    assert "tools" not in ours and "tool_choice" not in ours
+    assert ours["messages"][0]["role"] == "system"
+    assert "tool_calls" in ours["messages"][0]["content"]
+    assert ours["messages"][1:] == case["messages"]
+    assert ours["response_format"]["type"] == "json_schema"
+    schema = ours["response_format"]["json_schema"]["schema"]
+
+    as_object = request_body(case, tools, parse_args(
+        [*url, "--mode", "response_format", "--schema-as-json-object",
+         "--temperature", "server"]))
+    assert as_object["response_format"] == {"type": "json_object", "schema": schema}
+    assert "tools" not in as_object and "temperature" not in as_object
+
+    trained = request_body(case, tools, parse_args([*url, "--mode", "trained"]))
+    assert "tools" not in trained and "response_format" not in trained
+    assert "<tools>" in trained["messages"][0]["content"]
 
 
 # ------------------------------------------------------------------ the script, on the daemon
