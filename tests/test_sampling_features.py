@@ -20,8 +20,7 @@ pytestmark = pytest.mark.model
 
 CAPACITY = 4
 USER = [{"role": "user", "content": "What is the capital of France?"}]
-REPEAT = [{"role": "user", "content": "Say 'apple apple apple apple apple apple apple "
-                                      "apple'."}]
+REPEAT = [{"role": "user", "content": "List the word apple over and over."}]
 
 
 @pytest.fixture(scope="module")
