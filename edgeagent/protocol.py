@@ -560,13 +560,31 @@ def _bounded(schema: dict[str, Any], caps: LimitsSettings) -> dict[str, Any]:
     if "array" in types and "maxItems" not in out:
         out["maxItems"] = max(caps.guided_array_max_items, out.get("minItems", 0))
     if "object" in types or "properties" in out:
+        declared = bool(out.get("properties"))
         if "additionalProperties" not in out and "patternProperties" not in out:
-            out["additionalProperties"] = {"$ref": _FREE_REF}
+            # An object with properties of its own is answered with those (the answer still
+            # validates); one without any is a map, whose values are bounded JSON.
+            out["additionalProperties"] = False if declared else {"$ref": _FREE_REF}
         if out.get("additionalProperties") is not False and "maxProperties" not in out:
             out["maxProperties"] = max(len(out.get("properties", {}))
                                        + caps.guided_array_max_items,
                                        out.get("minProperties", 0))
+        extra = out.get("additionalProperties")
+        if (not declared and extra is not None and extra is not False
+                and "patternProperties" not in out):
+            # A map's key is a string that runs away like a value (the model wrote one
+            # until max_tokens): keys get the strings' cap, through patternProperties
+            # (llguidance has no propertyNames; beside declared properties the pattern
+            # would intersect with them, which llguidance refuses for recursive values).
+            out["patternProperties"] = {
+                _KEY_PATTERN.format(caps.guided_string_max_length):
+                    {"$ref": _FREE_REF} if extra is True else extra}
+            out["additionalProperties"] = False
     return out
+
+
+#: The keys an object's other properties may have: at most N characters.
+_KEY_PATTERN = "^.{{0,{}}}$"
 
 
 def fitted(schema: dict[str, Any], limits: LimitsSettings, max_tokens: int
@@ -614,8 +632,12 @@ def longest_answer(schema: Any, defs: dict[str, Any] | None = None, depth: int =
     properties = schema.get("properties", {})
     if properties or "maxProperties" in schema:
         own = sum(len(k) + 3 + longest_answer(v, defs, depth) for k, v in properties.items())
+        extra, key = schema.get("additionalProperties"), 8
+        for pattern, value in schema.get("patternProperties", {}).items():
+            bound = re.fullmatch(r"\^\.\{0,(\d+)\}\$", pattern)
+            extra, key = value, int(bound.group(1)) + 3 if bound else key
         more = max(0, schema.get("maxProperties", 0) - len(properties)) * (
-            8 + longest_answer(schema.get("additionalProperties"), defs, depth))
+            key + longest_answer(extra, defs, depth))
         size = max(size, 2 + own + more)
     return size
 

@@ -62,6 +62,30 @@ def test_bounded_caps_what_the_schema_leaves_open() -> None:
     assert out["o"]["anyOf"][0]["maxLength"] == CAPS.guided_string_max_length
 
 
+def test_bounded_caps_the_keys_of_a_map_and_answers_an_object_with_its_own(
+        default_model: Path) -> None:
+    """json_object: the model wrote one key ("2022-01-01T12:30:00.0000…") until max_tokens.
+    A map's keys get the strings' cap; an object with properties is answered with those."""
+    tokenizer = llguidance.LLTokenizer(
+        (default_model / "tokenizer.json").read_text(), eos_token=[2])
+
+    def accepts(schema: dict[str, Any], text: str) -> bool:
+        grammar = llguidance.grammar_from("json_schema", json.dumps(bounded(schema, CAPS)))
+        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        assert not matcher.is_error(), matcher.get_error()
+        tokens = tokenizer.tokenize_str(text)
+        return bool(matcher.validate_tokens(tokens) == len(tokens))
+
+    cap = CAPS.guided_string_max_length
+    assert accepts({"type": "object"}, json.dumps({"k" * cap: 1}, separators=(",", ":")))
+    assert not accepts({"type": "object"}, '{"' + "k" * (cap + 1))
+    assert not accepts({"type": "object", "additionalProperties": {"type": "integer"}},
+                       '{"' + "k" * (cap + 1))
+    device = {"type": "object", "properties": {"mac": {"type": "string"}}}
+    assert accepts(device, '{"mac":"aa"}')
+    assert not accepts(device, '{"mac":"aa","x"')
+
+
 def test_bounded_keeps_the_clients_own_bounds() -> None:
     schema = {"type": "object", "properties": {
         "s": {"type": "string", "maxLength": 9000}, "p": {"type": "string", "pattern": "^a+$"},
