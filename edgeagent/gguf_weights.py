@@ -37,9 +37,6 @@ import onnx
 from onnx import helper, numpy_helper
 
 BLOCK = 32
-#: Recorded in the manifest's source (convert.BUILDER_OPTIONS): a model built before this
-#: step, or by another version of it, is rebuilt.
-VERSION = "gguf-blocks-1"
 
 Progress = Callable[[str], None]
 
