@@ -497,11 +497,19 @@ def tool_guidance(req: ChatCompletionRequest, caps: LimitsSettings, max_tokens: 
     return calls, tools, False
 
 
-def json_guidance(schema: dict[str, Any], closer: Closer | None = None) -> Guidance:
-    """onnxruntime-genai guidance for a JSON schema, compact: no free whitespace, so the
-    model spends its tokens on content."""
-    compact = {**schema, "x-guidance": {"whitespace_flexible": False}}
-    return Guidance("json_schema", json.dumps(compact), closer)
+#: How a tool envelope is written: no free whitespace, and the separators of
+#: ``json.dumps`` (the tools note's JSON, and how SmolLM2's function-calling data wrote
+#: its calls): the model copies arguments more often after ``": "`` than after ``":"``.
+TOOL_SEPARATORS = {"item_separator": ", ", "key_separator": ": "}
+
+
+def json_guidance(schema: dict[str, Any], closer: Closer | None = None,
+                  separators: dict[str, str] | None = None) -> Guidance:
+    """Guidance for a JSON schema, with no free whitespace, so the model spends its tokens
+    on content: compact, or with ``separators`` (llguidance's ``x-guidance``
+    ``item_separator``/``key_separator``)."""
+    options = {"whitespace_flexible": False, **(separators or {})}
+    return Guidance("json_schema", json.dumps({**schema, "x-guidance": options}), closer)
 
 
 # -------------------------------------------------------------- bounded values
@@ -677,7 +685,7 @@ def close_tool_list(text: str, used: int, left: int) -> str | None:
         return "]}"
     # The comma is written already and text is not taken back: the list closes with one
     # more copy of the last call, which the parser drops as the duplicate it is.
-    return json.dumps(calls[-1], separators=(",", ":")) + "]}"
+    return json.dumps(calls[-1]) + "]}"
 
 
 def _call_key(call: Any) -> str:
@@ -686,15 +694,99 @@ def _call_key(call: Any) -> str:
 
 
 def _tools_system_prompt(tools: list[Tool], may_answer: bool) -> str:
+    """The tools note: each tool as a signature and its description, each parameter's
+    description under it, then the envelope to answer in.
+
+    Measured on SmolLM2-135M (scripts/eval_tools.py's cases, INT4 and INT8 builds):
+    signatures rather than each tool's JSON schema pick the right function as often with
+    a third fewer prompt tokens, and leave fewer quoted schema words (``"type"``,
+    ``"string"``) for the model to copy into a value. The grammar still holds the answer
+    to the full schema. The request's words follow the user's turn
+    (``_request_words_note``)."""
     lines = ["You can call these functions:"]
     for t in tools:
-        lines.append(json.dumps({"name": t.function.name, "description": t.function.description
-                                 or "", "parameters": t.function.parameters}))
+        params = t.function.parameters or {}
+        props = params.get("properties") or {}
+        need = set(params.get("required") or [])
+        args = ", ".join(f"{k}{'' if k in need else '?'}: {_param_type(v)}"
+                         for k, v in props.items())
+        line = f"{t.function.name}({args})"
+        lines.append(f"{line} - {t.function.description}" if t.function.description else line)
+        lines += [f"    {k}: {v['description']}" for k, v in props.items()
+                  if isinstance(v, dict) and v.get("description")]
     lines.append('To call one, answer with JSON: {"tool_calls": [{"name": ..., "arguments": '
                  '{...}}]}.')
     if may_answer:
         lines.append('To answer without a call, answer with JSON: {"content": "..."}.')
     return "\n".join(lines)
+
+
+def _param_type(schema: Any) -> str:
+    """A parameter's type as a signature shows it: ``string``, ``"on"|"off"``,
+    ``integer 0..100``; a structured one (object, array, combinations) as its JSON schema
+    without descriptions."""
+    if not isinstance(schema, dict):
+        return "any"
+    if "enum" in schema:
+        return "|".join(json.dumps(v) for v in schema["enum"])
+    if "const" in schema:
+        return json.dumps(schema["const"])
+    kind = schema.get("type")
+    names = [str(k) for k in kind] if isinstance(kind, list) else [str(kind)]
+    if not set(names) <= {"string", "number", "integer", "boolean", "null"}:
+        return json.dumps({k: v for k, v in schema.items() if k != "description"})
+    text = "|".join(names)
+    if "minimum" in schema or "maximum" in schema:
+        text += f" {schema.get('minimum', '')}..{schema.get('maximum', '')}"
+    return text
+
+
+#: Words left out of the request's words: English function words, never an argument.
+_FUNCTION_WORDS = frozenset({
+    "a", "an", "the", "to", "of", "in", "on", "at", "for", "from", "by", "with", "and", "or",
+    "is", "are", "be", "it", "its", "this", "that", "my", "me", "i", "you", "please", "can",
+    "could", "would", "will", "what", "which", "how"})
+_WORD = re.compile(r"[^\s\"',;!?()\[\]{}]+")
+_NUMBER = re.compile(r"-?(0|[1-9]\d*)(\.\d+)?")  # as JSON writes one: 007 stays a word
+#: At most this many words (a long request is not repeated whole).
+REQUEST_WORDS = 48
+
+
+def request_words(text: str) -> list[str | int | float]:
+    """The words of a request as the tools' words note lists them: each once, in order,
+    without sentence punctuation or English function words; a number as a number.
+
+    A small model copies a value it has seen written as that value: after
+    ``"sensor_id": "`` it copies a word that followed a quote (``"tank_level_2"``) far
+    more often than one that followed a space in the request (`` tank_level_2``, another
+    token), and a JSON number into a number rather than into an id."""
+    words: list[str | int | float] = []
+    seen: set[str] = set()
+    for raw in _WORD.findall(text):
+        word = raw.rstrip(".:")
+        if not word or word.lower() in _FUNCTION_WORDS or word in seen:
+            continue
+        seen.add(word)
+        if _NUMBER.fullmatch(word):
+            words.append(float(word) if "." in word else int(word))
+        else:
+            words.append(word)
+        if len(words) == REQUEST_WORDS:
+            break
+    return words
+
+
+def _request_words_note(messages: list[Message]) -> list[str] | None:
+    """The system turn that follows the user's request when tools are offered: the
+    request's words as a JSON list (client text: a Plain part), or None when the
+    conversation does not end with the user's turn (a tool result: nothing to copy)."""
+    last = messages[-1] if messages else None
+    if last is None or last.role != "user":
+        return None
+    words = request_words(last.text())
+    if not words:
+        return None
+    return ["The request's words: ", Plain(json.dumps(words))]
 
 
 def parse_tool_envelope(text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
@@ -835,7 +927,7 @@ def prepare_chat(req: ChatCompletionRequest, engine: Engine, settings: Settings,
         messages.insert(0, {"role": "system", "content": [profile.system_prompt]})
     guidance: tuple[str, str] | None = None
     guided_by = "response_format"
-    tool_mode = False
+    tool_mode = words_turn = False
     budget = req.token_cap() or profile.max_tokens or settings.limits.default_max_tokens
     tools = tool_guidance(req, settings.limits, budget)
     if tools is not None:
@@ -845,7 +937,11 @@ def prepare_chat(req: ChatCompletionRequest, engine: Engine, settings: Settings,
             messages[0]["content"] += ["\n\n" + note]
         else:
             messages.insert(0, {"role": "system", "content": [note]})
-        guidance = json_guidance(schema, close_tool_list)
+        words = _request_words_note(req.messages)
+        if words is not None:
+            messages.append({"role": "system", "content": words})
+            words_turn = True
+        guidance = json_guidance(schema, close_tool_list, TOOL_SEPARATORS)
         guided_by = "tools"
         tool_mode = True
     elif req.response_format is not None and req.response_format.type != "text":
@@ -858,7 +954,7 @@ def prepare_chat(req: ChatCompletionRequest, engine: Engine, settings: Settings,
             schema = req.response_format.json_schema.schema_ or {"type": "object"}
         guidance = json_guidance(fitted(schema, settings.limits, budget))
     try:
-        tokens = engine.chat_tokens(messages)
+        tokens = _chat_tokens(engine, messages, words_turn)
     except Exception as exc:
         raise InvalidRequest(f"the chat template rejected the messages: {exc}",
                              "messages") from exc
@@ -869,6 +965,19 @@ def prepare_chat(req: ChatCompletionRequest, engine: Engine, settings: Settings,
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return Prepared(rid, req.model, created, tokens, sampling, guidance, tool_mode,
                     include_usage, _deadline(settings), generation=generation, n=req.n or 1)
+
+
+def _chat_tokens(engine: Engine, messages: list[dict[str, Any]], words_turn: bool
+                 ) -> np.ndarray:
+    """The prompt's tokens; without the request's words turn (the last message, when
+    ``words_turn``) when the model's template refuses a system turn after the user's
+    (templates that want roles to alternate)."""
+    try:
+        return engine.chat_tokens(messages)
+    except Exception:
+        if not words_turn:
+            raise
+        return engine.chat_tokens(messages[:-1])
 
 
 def _deadline(settings: Settings) -> float:
