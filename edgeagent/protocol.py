@@ -776,6 +776,53 @@ def request_words(text: str) -> list[str | int | float]:
     return words
 
 
+#: More words that say nothing of what a request is about.
+_GENERIC_WORDS = _FUNCTION_WORDS | frozenset({
+    "tell", "give", "show", "say", "make", "let", "now", "then", "one", "all", "any", "some",
+    "not", "but", "was", "were", "has", "have", "had", "does", "did", "do", "your", "our",
+    "there", "here", "about", "into", "use", "using"})
+_LETTERS = re.compile(r"[a-z]+")
+_IDENTIFIER = re.compile(r"(?=\w*[a-z])\w*(_|[a-z]\d|\d[a-z])\w*", re.IGNORECASE)
+
+
+def names_offered(text: str, tools: list[Tool]) -> bool:
+    """Whether a request names something the offered tools know of: a word (three letters
+    or more, not a generic English word) of their names, descriptions or parameters, one
+    the start of the other (``humid``, ``humidity``), or an identifier (``pump_1``,
+    ``co2``). The tools' relevance gate (``limits.tool_relevance_gate``): a small model
+    does not tell on its own when no tool fits (measured: docs/tool-calling.md)."""
+    if _IDENTIFIER.search(text):
+        return True
+    theirs = {w for t in tools for w in _words(" ".join(
+        [t.function.name, t.function.description or "", *_schema_text(t.function.parameters)]))}
+    return any(w == o or (min(len(w), len(o)) >= 4 and (w.startswith(o) or o.startswith(w)))
+               for w in _words(text) for o in theirs)
+
+
+def _schema_text(schema: Any) -> list[str]:
+    """The words a JSON schema says of its values: property names, titles, descriptions,
+    enum and const values (not its keywords: ``type``, ``string``...)."""
+    if isinstance(schema, list):
+        return [w for s in schema for w in _schema_text(s)]
+    if not isinstance(schema, dict):
+        return []
+    out = [str(schema[k]) for k in ("title", "description") if isinstance(schema.get(k), str)]
+    out += [json.dumps(v) for v in [*schema.get("enum", []), schema.get("const", "")]]
+    props = schema.get("properties")
+    if isinstance(props, dict):
+        out += [str(k) for k in props] + _schema_text(list(props.values()))
+    for key in ("items", "anyOf", "oneOf", "allOf", "additionalProperties", "$defs"):
+        sub = schema.get(key)
+        out += _schema_text(list(sub.values()) if key == "$defs" and isinstance(sub, dict)
+                            else sub)
+    return out
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in _LETTERS.findall(text.lower().replace("_", " "))
+            if len(w) >= 3 and w not in _GENERIC_WORDS}
+
+
 def _request_words_note(messages: list[Message]) -> list[str] | None:
     """The system turn that follows the user's request when tools are offered: the
     request's words as a JSON list (client text: a Plain part), or None when the
@@ -930,6 +977,9 @@ def prepare_chat(req: ChatCompletionRequest, engine: Engine, settings: Settings,
     tool_mode = words_turn = False
     budget = req.token_cap() or profile.max_tokens or settings.limits.default_max_tokens
     tools = tool_guidance(req, settings.limits, budget)
+    unused: Guidance | None = None  # the tools' guidance when no tool fits
+    if tools is not None and _no_tool_fits(req, tools, settings.limits):
+        unused, tools = json_guidance(tools[0]), None  # answered in text, without them
     if tools is not None:
         schema, offered, may_answer = tools
         note = _tools_system_prompt(offered, may_answer)
@@ -961,10 +1011,21 @@ def prepare_chat(req: ChatCompletionRequest, engine: Engine, settings: Settings,
     sampling = _sampling(req, profile, len(tokens), settings, engine.plan.context_length)
     if guidance is not None:
         _check_guidance(engine, guidance, sampling, guided_by)
+    if unused is not None:  # the tools' schemas are the client's to get right all the same
+        _check_guidance(engine, unused, sampling, "tools")
     rid, created = _new("chatcmpl")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return Prepared(rid, req.model, created, tokens, sampling, guidance, tool_mode,
                     include_usage, _deadline(settings), generation=generation, n=req.n or 1)
+
+
+def _no_tool_fits(req: ChatCompletionRequest, tools: tuple[dict[str, Any], list[Tool], bool],
+                  caps: LimitsSettings) -> bool:
+    """The relevance gate: tool_choice auto, and the user's request names nothing the
+    offered tools know of (``names_offered``)."""
+    last = req.messages[-1]
+    return (tools[2] and caps.tool_relevance_gate and last.role == "user"
+            and not names_offered(last.text(), tools[1]))
 
 
 def _chat_tokens(engine: Engine, messages: list[dict[str, Any]], words_turn: bool

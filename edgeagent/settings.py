@@ -438,6 +438,15 @@ class LimitsSettings(Section):
         "schema sets no multipleOf.",
         json_schema_extra=LIVE,
     )
+    tool_relevance_gate: bool = Field(
+        default=True,
+        description="With tool_choice auto, answer in text, without the tools, a request "
+        "that shares no word with the offered tools (their names, descriptions and "
+        "parameters) and names no identifier (a word with _ or digits): a small model "
+        "otherwise calls some tool, with invented arguments, for any request. false: the "
+        "model always chooses.",
+        json_schema_extra=LIVE,
+    )
     guided_array_max_items: int = Field(
         default=16, ge=1, le=10_000,
         description="Items of an array in a guided JSON answer whose schema sets no "

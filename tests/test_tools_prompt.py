@@ -16,7 +16,13 @@ from edgeagent import protocol
 from edgeagent.engine import Engine, Plain
 from edgeagent.planner import ModelMeta, plan
 from edgeagent.probe import probe
-from edgeagent.protocol import ChatCompletionRequest, Tool, prepare_chat, request_words
+from edgeagent.protocol import (
+    ChatCompletionRequest,
+    Tool,
+    names_offered,
+    prepare_chat,
+    request_words,
+)
 from edgeagent.settings import LimitsSettings, RuntimeSettings, Settings
 from edgeagent.testing.fake_engine import FakeEngine
 from tests.conftest import DaemonProc
@@ -157,6 +163,50 @@ def test_the_envelope_has_json_dumps_separators() -> None:
         '{"name": "f", "arguments": {"a": 1}}]}')
 
 
+# ------------------------------------------------------------------ the relevance gate
+def test_a_request_names_what_the_tools_know_of() -> None:
+    tools = [Tool.model_validate(t) for t in (SENSOR, RELAY, VALVE, LIMITS)]
+    # a word of a name, a description, a parameter's name or description, an enum value;
+    # one word the start of the other
+    for text in ("Switch the heater off.", "Read the humidity sensors!",
+                 "How long is the window?", "open valve 3", "Set the thresholds.",
+                 "give me the boiler temperature"):  # boiler: a parameter's description
+        assert names_offered(text, tools), text
+    # an identifier names a thing of the gateway, whatever the tools say
+    for text in ("What does pump_1 say?", "Check CO2.", "Is 2nd floor ok?"):
+        assert names_offered(text, []), text
+    # generic words, short words, numbers, a schema's own keywords are not a match
+    for text in ("Tell me a joke.", "What is 7 plus 8?", "Give me a string or an object.",
+                 "Say hello to them.", "the a an on of"):
+        assert not names_offered(text, tools), text
+
+
+def _prepared(messages: list[dict[str, Any]], settings: Settings | None = None, **kw: Any
+              ) -> tuple[protocol.Prepared, _Recording]:
+    engine = _Recording()
+    return prepare_chat(_chat(messages, [SENSOR, RELAY], **kw), cast(Engine, engine),
+                        settings or Settings(), "m"), engine
+
+
+def test_a_request_the_tools_know_nothing_of_is_answered_in_text() -> None:
+    joke = [{"role": "user", "content": "Tell me a joke about engineers."}]
+    p, engine = _prepared(joke)
+    assert (p.tool_mode, p.guidance) == (False, None)
+    assert [m["role"] for m in engine.messages] == ["user"]  # no tools note, no words
+    # the gate is for auto only: a call that is required is made
+    for choice in ("required", {"type": "function", "function": {"name": "read_sensor"}}):
+        assert _prepared(joke, tool_choice=choice)[0].tool_mode
+    # after a tool result the model answers from it, calls on as it chooses
+    assert _prepared([*joke, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "read_sensor",
+                                                      "arguments": '{"sensor_id": "x"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "3"}])[0].tool_mode
+    # and it can be turned off
+    off = Settings.model_validate({"limits": {"tool_relevance_gate": False}})
+    assert _prepared(joke, off)[0].tool_mode
+    assert _prepared([{"role": "user", "content": "Read sensor tank_level_2."}])[0].tool_mode
+
+
 class _Recording(FakeEngine):
     """The fake engine, keeping the messages the chat template gets."""
 
@@ -225,3 +275,20 @@ def test_the_call_copies_the_id_from_the_request(api_daemon: DaemonProc, content
     message = r.json()["choices"][0]["message"]
     first = message["tool_calls"][0]["function"]
     assert (first["name"], json.loads(first["arguments"])) == call
+
+
+@pytest.mark.timeout(300)
+def test_no_call_when_no_tool_fits(api_daemon: DaemonProc) -> None:
+    """The eval's no-tool-fits case: answered in text, finish_reason stop, with the tools
+    offered and tool_choice auto (the model alone called read_sensor with an invented
+    id)."""
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(api_daemon.socket_path)),
+                      base_url="http://localhost", timeout=120) as c:
+        r = c.post("/v1/chat/completions", json={
+            "model": "edgeagent", "max_tokens": 32, "temperature": 0, "tools": [SENSOR, RELAY],
+            "messages": [{"role": "user", "content": "Write a short poem about the sea."}]})
+    r.raise_for_status()
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] in ("stop", "length")
+    assert not choice["message"].get("tool_calls")
+    assert choice["message"]["content"].strip()
