@@ -270,7 +270,8 @@ def test_prepare_chat_keeps_every_client_content_as_text(engine: Engine) -> None
                          {"role": "assistant", "content": text},
                          {"role": "tool", "content": text, "tool_call_id": "c1"},
                          {"role": "user", "content": text}],
-            "tools": [{"type": "function", "function": {"name": "f"}}]})
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": "required"})  # the tools note and the words turn, both texts
         prepared = protocol.prepare_chat(req, engine, Settings(), "m")
         return [int(t) for t in prepared.prompt_tokens if int(t) in control]
 
