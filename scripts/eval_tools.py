@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import sys
 import tempfile
@@ -451,6 +452,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM unwinds like ^C: the daemon started for the run is stopped on the way out
+    signal.signal(signal.SIGTERM, lambda sig, _frame: sys.exit(128 + sig))
     if args.compare:
         results = [json.loads(p.read_text()) for p in args.compare]
     else:

@@ -4,10 +4,14 @@ runs it, against the daemon as a subprocess on the real default model over its s
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import psutil
+import pytest
 
 from scripts.eval_tools import CASES, TOOLS, Outcome, judge, load_cases, parse_args, request_body
 from tests.conftest import REPO, DaemonProc
@@ -141,3 +145,26 @@ def test_eval_script_against_the_daemon(start_daemon: Any, tmp_path: Path) -> No
     for group in ("single", "multiple", "parallel", "irrelevance"):
         assert result["summary"][group]["cases"] >= 1
     assert "| right_first_call |" in md.read_text()
+
+
+@pytest.mark.timeout(300)
+def test_a_terminated_eval_stops_the_daemon_it_started(default_model: Path) -> None:
+    """SIGTERM (a CI timeout, ``kill``) to a run with a daemon of its own leaves no daemon
+    behind."""
+    with subprocess.Popen(
+            [sys.executable, str(REPO / "scripts" / "eval_tools.py"), "-v", "--max-tokens",
+             "8", "--model-path", str(default_model)],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True) as script:
+        try:
+            assert script.stderr is not None
+            for line in script.stderr:  # a case answered: the daemon is up
+                if line.startswith("single-001:"):
+                    break
+            daemons = psutil.Process(script.pid).children(recursive=True)
+            assert daemons
+            script.terminate()
+            assert script.wait(120) == 128 + signal.SIGTERM
+            _, alive = psutil.wait_procs(daemons, timeout=60)
+            assert not alive
+        finally:
+            script.kill()
