@@ -58,6 +58,7 @@ import math
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -1165,6 +1166,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    # SIGTERM unwinds like ^C: the daemons started for the run are stopped on the way out
+    signal.signal(signal.SIGTERM, lambda sig, _frame: sys.exit(128 + sig))
     results, rows = measure(args, args.model or Settings().model_path)
     doc = finite(results)
     print_summary(results, rows)
