@@ -1022,10 +1022,13 @@ def prepare_chat(req: ChatCompletionRequest, engine: Engine, settings: Settings,
 def _no_tool_fits(req: ChatCompletionRequest, tools: tuple[dict[str, Any], list[Tool], bool],
                   caps: LimitsSettings) -> bool:
     """The relevance gate: tool_choice auto, and the user's request names nothing the
-    offered tools know of (``names_offered``)."""
-    last = req.messages[-1]
-    return (tools[2] and caps.tool_relevance_gate and last.role == "user"
-            and not names_offered(last.text(), tools[1]))
+    offered tools know of (``names_offered``), nor does the assistant's turn it answers
+    ("Shall I open valve_3?" "Yes.")."""
+    *before, last = req.messages
+    if not (tools[2] and caps.tool_relevance_gate and last.role == "user"):
+        return False
+    asked = before[-1].text() if before and before[-1].role == "assistant" else ""
+    return not names_offered(f"{asked}\n{last.text()}", tools[1])
 
 
 def _chat_tokens(engine: Engine, messages: list[dict[str, Any]], words_turn: bool

@@ -442,9 +442,9 @@ class LimitsSettings(Section):
         default=True,
         description="With tool_choice auto, answer in text, without the tools, a request "
         "that shares no word with the offered tools (their names, descriptions and "
-        "parameters) and names no identifier (a word with _ or digits): a small model "
-        "otherwise calls some tool, with invented arguments, for any request. false: the "
-        "model always chooses.",
+        "parameters) and names no identifier (a word with _ or digits), nor does the "
+        "assistant's turn it answers: a small model otherwise calls some tool, with "
+        "invented arguments, for any request. false: the model always chooses.",
         json_schema_extra=LIVE,
     )
     guided_array_max_items: int = Field(

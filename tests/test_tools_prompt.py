@@ -201,6 +201,13 @@ def test_a_request_the_tools_know_nothing_of_is_answered_in_text() -> None:
         {"id": "c1", "type": "function", "function": {"name": "read_sensor",
                                                       "arguments": '{"sensor_id": "x"}'}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "3"}])[0].tool_mode
+    # a reply to the assistant's question is about what the question names
+    assert _prepared([{"role": "user", "content": "Hi."},
+                      {"role": "assistant", "content": "Shall I switch relay_4 on?"},
+                      {"role": "user", "content": "Yes please."}])[0].tool_mode
+    assert not _prepared([{"role": "user", "content": "Hi."},
+                          {"role": "assistant", "content": "Hello! How can I help?"},
+                          {"role": "user", "content": "Yes please."}])[0].tool_mode
     # and it can be turned off
     off = Settings.model_validate({"limits": {"tool_relevance_gate": False}})
     assert _prepared(joke, off)[0].tool_mode
