@@ -6,8 +6,9 @@ pulls llama-cpp-python and compiles llama.cpp). The GGUF is dequantized to a flo
 Hugging Face folder with transformers' GGUF loader, then onnxruntime-genai's model builder
 (the ModelBuilder path of ``olive auto-opt --use_model_builder``) builds the INT4 CPU graph,
 whose weights are then replaced by the GGUF's own blocks (edgeagent.gguf_weights: no second
-quantization). ``--from-hf DIR`` skips the GGUF step and builds any local Hugging Face checkpoint
-the builder supports.
+quantization) and whose attention is steered onto onnxruntime's faster CPU kernel for long
+contexts (edgeagent.gqa_decode). ``--from-hf DIR`` skips the GGUF step and builds any local
+Hugging Face checkpoint the builder supports.
 
 torch, transformers and gguf come with the ``convert`` extra and are imported lazily: this
 module imports without them, and building then fails with a clear message.
@@ -68,6 +69,11 @@ BUILDER_OPTIONS = {"prune_lm_head": "true"}
 #: GGUF's own Q4_1/Q8_0 blocks (edgeagent.gguf_weights). Recorded in the manifest's source:
 #: a model built otherwise is rebuilt.
 GGUF_WEIGHTS = "gguf-blocks-1"
+#: How the default model's attention runs: every GroupQueryAttention steered onto
+#: onnxruntime's GEMM kernel, its softmax scale moved onto the query
+#: (edgeagent.gqa_decode; 1.33-1.38x faster decode after 2,048 tokens). Recorded in the
+#: manifest's source: a model built otherwise is rebuilt.
+GQA_DECODE = "gemm-kernel-1"
 CONVERT_EXTRA_HINT = "model conversion needs the convert extra: pip install 'edgeagent[convert]'"
 # What the conversion imports, itself or in the builder subprocess.
 CONVERT_MODULES = ("torch", "transformers", "onnx", "onnx_ir", "numpy")
@@ -165,6 +171,10 @@ def _build_locked(output: Path, from_hf: Path | None, progress: Progress) -> Pat
             restore_gguf_weights(out, gguf_path, hf_dir, progress)
             source["weights"] = GGUF_WEIGHTS
             timings["gguf blocks"] = time.monotonic() - t0
+            t0 = time.monotonic()
+            steer_attention(out, progress)
+            source["attention"] = GQA_DECODE
+            timings["attention"] = time.monotonic() - t0
         fix_tokenizer_config(out, hf_dir, tokenizer_class, progress)
         if from_hf is None:
             shutil.rmtree(hf_dir, ignore_errors=True)  # 0.5 GB of float32 weights
@@ -191,7 +201,8 @@ def _build_locked(output: Path, from_hf: Path | None, progress: Progress) -> Pat
 def _wanted_source(from_hf: Path | None) -> dict[str, Any]:
     if from_hf is None:
         return {"kind": "gguf", "package": f"{GGUF_PACKAGE}=={GGUF_PACKAGE_VERSION}",
-                "builder_options": BUILDER_OPTIONS, "weights": GGUF_WEIGHTS}
+                "builder_options": BUILDER_OPTIONS, "weights": GGUF_WEIGHTS,
+                "attention": GQA_DECODE}
     return {"kind": "hf", "path": str(from_hf), "builder_options": BUILDER_OPTIONS}
 
 
@@ -562,6 +573,21 @@ def restore_gguf_weights(model_dir: Path, gguf_path: Path, hf_dir: Path,
                              reference=gguf_weights.hf_reference(hf_dir))
     except gguf_weights.GgufWeightsError as exc:
         raise ModelBuildError(f"could not write the GGUF's blocks into the model: {exc}") from exc
+
+
+# -- step 4b: attention on onnxruntime's GEMM kernel ------------------------------------------
+
+
+def steer_attention(model_dir: Path, progress: Progress) -> None:
+    """Put every GroupQueryAttention on onnxruntime's faster CPU kernel for long contexts
+    (module edgeagent.gqa_decode): the same attention; the weights are not touched."""
+    progress("==> steering attention onto onnxruntime's GEMM kernel (faster decode on long "
+             "contexts)")
+    gqa_decode: Any = importlib.import_module("edgeagent.gqa_decode")
+    try:
+        gqa_decode.steer(model_dir, progress)
+    except gqa_decode.GqaDecodeError as exc:
+        raise ModelBuildError(f"could not rewrite the model's attention: {exc}") from exc
 
 
 # -- step 5: check it loads and talks ---------------------------------------------------------
