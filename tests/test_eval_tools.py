@@ -137,7 +137,10 @@ def test_eval_script_against_the_daemon(start_daemon: Any, tmp_path: Path) -> No
     # The targets of issue 15 that do not depend on the model's skill: every answer whole
     # and valid, no call twice, our envelope never in the content.
     assert overall["valid_json"] == 1.0, rows
-    assert overall["truncated"] == 0.0, rows
+    # no call cut (a text answer may run to the caller's max_tokens: prose, not an envelope)
+    assert all(r["finish_reason"] != "length" for r in rows.values()
+               if r["category"] != "irrelevance"), rows
+    assert rows["irrelevance-001"]["no_call"], rows  # the relevance gate: a joke is text
     assert overall["duplicates"] == 0.0, rows
     assert overall["leaks"] == 0, rows
     named = rows["single-055"]["calls"]  # tool_choice names read_sensor: called once

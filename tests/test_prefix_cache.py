@@ -116,6 +116,29 @@ def run(engine: Engine, prompt: np.ndarray, max_tokens: int = 24) -> tuple[list[
     return [i.token for i in items if isinstance(i, Delta)], fin, engine.prefilled_tokens - before
 
 
+#: Logprob gap under which two tokens are a near-tie (nats).
+NEAR_TIE = 0.25
+
+
+def assert_same_answer(tokens: list[int], uncached: Engine, prompt: np.ndarray) -> None:
+    """``tokens`` (from the cache) are the greedy answer of a cold prefill, but for a
+    near-tie: the answer's earlier turns were fed back one token at a time when they were
+    generated (onnxruntime's decode path) and are prefilled as a prompt when cold, which
+    rounds differently (docs/engine-notes.md, "Prefix cache"). At the first token that
+    differs, the cached one must be the cold run's second choice within ``NEAR_TIE``."""
+    items = list(uncached.generate(prompt, Sampling(max_tokens=len(tokens), logprobs=2)))
+    cold = [i for i in items if isinstance(i, Delta)]
+    for step, (ours, theirs) in enumerate(zip(tokens, cold, strict=False)):
+        if ours == theirs.token:
+            continue
+        top = {t.token: t.logprob for t in theirs.logprobs[0].top}
+        text = uncached.tokenizer.decode(np.asarray([ours], dtype=np.int32))
+        assert text in top, (step, text, top)
+        assert max(top.values()) - top[text] < NEAR_TIE, (step, text, top)
+        return
+    assert len(tokens) == len(cold)
+
+
 def chat(engine: Engine, system: str, *turns: Any) -> np.ndarray:
     messages = [{"role": "system", "content": system}]
     for i, text in enumerate(turns):
@@ -151,7 +174,7 @@ def test_a_chat_turn_costs_its_new_tokens_only(cached: Engine, uncached: Engine)
             # The new turn's own tokens, and at most the last answer token (generated but
             # never fed back, so it has no KV yet).
             assert prefilled <= len(prompt) - previous + 1, (prefilled, len(prompt), previous)
-        assert tokens == run(uncached, prompt, max_tokens=16)[0]
+        assert_same_answer(tokens, uncached, prompt)
         previous = len(prompt) + fin.completion_tokens
         turns.append(cached.tokenizer.decode(np.asarray(tokens, dtype=np.int32)))
 
