@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import numpy as np
 import pydantic_core
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edgeagent.engine import (
@@ -166,11 +168,24 @@ def _arguments(text: str) -> Any:
         return text
 
 
+def _json_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema``, checked against JSON Schema's own meta-schema (2020-12) before anything
+    walks it: a keyword of the wrong type (``"enum": 5``) is a 400 naming where."""
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        where = "/".join(str(p) for p in exc.path) or "its top level"
+        raise ValueError(f"not a valid JSON schema at {where}: {exc.message}") from None
+    return schema
+
+
 class FunctionDef(Strict):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     description: str | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
     strict: bool | None = None
+
+    _parameters = field_validator("parameters")(_json_schema)
 
 
 class Tool(Strict):
@@ -214,6 +229,8 @@ class JsonSchemaFormat(Strict):
     description: str | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
+
+    _schema = field_validator("schema_")(_json_schema)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

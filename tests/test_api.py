@@ -204,6 +204,12 @@ def test_response_format_json_schema(oai: openai.OpenAI) -> None:
     (b'{"messages": [{"role": "wizard", "content": "hi"}]}', {}, 400),
     (b'{"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}', {}, 404),
     (b'[1, 2, 3]', {}, 400),
+    # a JSON schema whose keywords have the wrong types (the daemon walks it: was a 500)
+    (b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", '
+     b'"function": {"name": "f", "parameters": {"properties": {"x": {"enum": 5}}}}}]}',
+     {}, 400),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": '
+     b'"json_schema", "json_schema": {"name": "r", "schema": {"anyOf": 7}}}}', {}, 400),
 ])
 def test_bad_input_gets_an_openai_error(
     http: httpx.Client, content: bytes, headers: dict[str, str], status: int
@@ -214,6 +220,8 @@ def test_bad_input_gets_an_openai_error(
     err = resp.json()["error"]
     assert err["message"]
     assert err["type"]
+    if b'"enum": 5' in content:
+        assert "properties/x/enum" in err["message"], err
 
 
 def test_oversized_body_and_long_prompt(http: httpx.Client) -> None:
