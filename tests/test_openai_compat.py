@@ -68,18 +68,6 @@ def test_compat_page_is_generated_from_the_models() -> None:
         "docs/openai-compat.md`")
 
 
-class RecordingEngine(FakeEngine):
-    """A fake engine that keeps the messages the chat template would get."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.messages: list[dict[str, Any]] = []
-
-    def chat_tokens(self, messages: Any, tools: Any = None) -> Any:
-        self.messages = list(messages)
-        return super().chat_tokens(messages)
-
-
 def test_tool_result_reaches_the_template_with_its_name_and_call_id() -> None:
     """Multi-turn tool use: the template gets the tool message's ``name`` and
     ``tool_call_id`` (to render the result against its call); unknown message fields are
@@ -91,7 +79,7 @@ def test_tool_result_reaches_the_template_with_its_name_and_call_id() -> None:
              "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "name": "weather", "content": "-3 C"},
     ]})
-    engine = RecordingEngine()
+    engine = FakeEngine()
     protocol.prepare_chat(req, cast(Engine, engine), Settings(), "m")
     tool = engine.messages[-1]
     assert (tool["role"], tool["name"], tool["tool_call_id"]) == ("tool", "weather", "call_1")

@@ -100,7 +100,7 @@ def test_request_words() -> None:
 
 
 def test_the_words_follow_the_users_turn_as_client_text() -> None:
-    engine = _Recording()
+    engine = FakeEngine()
     req = _chat([{"role": "user", "content": "Read sensor tank_level_2."}], [SENSOR])
     prepare_chat(req, cast(Engine, engine), Settings(), "m")
     roles = [m["role"] for m in engine.messages]
@@ -113,7 +113,7 @@ def test_the_words_follow_the_users_turn_as_client_text() -> None:
 def test_no_words_without_a_users_turn_to_copy_from() -> None:
     """After a tool result the model answers from it: no words turn; nor for a request
     without tools."""
-    engine = _Recording()
+    engine = FakeEngine()
     prepare_chat(_chat([
         {"role": "user", "content": "Read sensor tank_level_2."},
         {"role": "assistant", "content": None, "tool_calls": [
@@ -144,7 +144,7 @@ def test_a_template_that_wants_alternating_roles_gets_no_words_turn() -> None:
 
 
 def test_the_envelope_has_json_dumps_separators() -> None:
-    engine = _Recording()
+    engine = FakeEngine()
     p = prepare_chat(_chat([{"role": "user", "content": "Read sensor x."}], [SENSOR]),
                      cast(Engine, engine), Settings(), "m")
     assert p.guidance is not None
@@ -182,8 +182,8 @@ def test_a_request_names_what_the_tools_know_of() -> None:
 
 
 def _prepared(messages: list[dict[str, Any]], settings: Settings | None = None, **kw: Any
-              ) -> tuple[protocol.Prepared, _Recording]:
-    engine = _Recording()
+              ) -> tuple[protocol.Prepared, FakeEngine]:
+    engine = FakeEngine()
     return prepare_chat(_chat(messages, [SENSOR, RELAY], **kw), cast(Engine, engine),
                         settings or Settings(), "m"), engine
 
@@ -214,19 +214,7 @@ def test_a_request_the_tools_know_nothing_of_is_answered_in_text() -> None:
     assert _prepared([{"role": "user", "content": "Read sensor tank_level_2."}])[0].tool_mode
 
 
-class _Recording(FakeEngine):
-    """The fake engine, keeping the messages the chat template gets."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.messages: list[dict[str, Any]] = []
-
-    def chat_tokens(self, messages: Any, tools: Any = None) -> Any:
-        self.messages = list(messages)
-        return super().chat_tokens(messages)
-
-
-class _Alternating(_Recording):
+class _Alternating(FakeEngine):
     """A template that refuses a system turn after the first message, as templates that
     want user and assistant turns to alternate do."""
 

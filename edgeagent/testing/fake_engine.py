@@ -41,7 +41,8 @@ class FakeEngine:
 
     A step waits on ``gate`` (set ``stepping`` first); a cancel ends with
     Finish("cancelled") at the next step; a sequence with the LOSE guidance is dropped
-    without a Finish; a step holding one with the FAIL guidance raises.
+    without a Finish; a step holding one with the FAIL guidance raises. ``messages`` are
+    the last ones its chat template got.
     """
 
     def __init__(self, the_plan: Plan | None = None, name: str = "fake", base: int = 0
@@ -55,6 +56,7 @@ class FakeEngine:
         self.gate = threading.Event()
         self.gate.set()
         self.stepping = threading.Event()
+        self.messages: list[dict[str, Any]] = []
 
     @property
     def active(self) -> int:
@@ -66,6 +68,7 @@ class FakeEngine:
 
     def chat_tokens(self, messages: SequenceT[dict[str, Any]],
                     tools: SequenceT[dict[str, Any]] | None = None) -> np.ndarray:
+        self.messages = list(messages)
         return self.encode("".join("".join(m["content"]) for m in messages))
 
     def read(self, tokens: np.ndarray) -> str:
