@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,15 @@ def built_model() -> Path:
     if not (path / MANIFEST_FILE).is_file():
         pytest.skip(f"no default model at {path}: run 'edgeagent model build'")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _no_links_left(tmp_path: Path) -> Iterator[None]:
+    """A clone's hard links into the default model do not outlive its test: onnx refuses
+    a model whose data file has several (tests/test_gguf_weights.py loads the default
+    model with it, in this run or a later one; pytest keeps tmp_path)."""
+    yield
+    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def clone_model(src: Path, dst: Path, *, copy: tuple[str, ...] = ()) -> Path:
