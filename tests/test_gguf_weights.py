@@ -16,28 +16,9 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeagent import gguf_weights as gw
 from edgeagent.convert import GGUF_WEIGHTS, fetch_gguf
 from edgeagent.manifest import MANIFEST_FILE
+from tests import quality
 
 RNG = np.random.default_rng(7)
-#: Fixed English prose for the perplexity check (the repository's docs change).
-GATEWAY_TEXT = (
-    'A gateway sits between the sensors of a building and the network that reaches the rest '
-    'of the world. Every few seconds it reads the temperature of the boiler, the pressure in '
-    'the pipes, the level of water in the tanks and the amount of carbon dioxide in the '
-    'offices. It keeps the last values in memory, sends a summary upstream once a minute, and '
-    'raises an alarm when a value crosses a threshold that the operator has set. When the '
-    'connection to the cloud is lost, the gateway goes on working on its own: it stores what '
-    'it could not send and sends it later, in order, once the link is back. The people who '
-    'run thousands of such devices care about a few simple things. The device must start by '
-    'itself after a power cut. It must never fill its disk, never run out of memory, and '
-    'never stop answering because one request was malformed. An update must be safe to roll '
-    'out to every site at once, and easy to roll back when something goes wrong. Logs must '
-    'say what happened without drowning the operator in noise. A small language model on the '
-    'gateway changes what the device can do. Instead of a fixed set of rules, a technician '
-    'can ask in plain words why the pump in the basement started three times in the last '
-    'hour, and the model can read the recent values, call the right functions and answer in a '
-    'sentence. The model must be small enough to run on two cores and a few hundred megabytes '
-    'of memory, and fast enough that an answer arrives before the technician loses patience.'
-)
 
 
 def _q4_1_raw(rows: int, cols: int) -> np.ndarray:
@@ -190,20 +171,5 @@ def test_default_model_is_as_good_as_its_gguf(default_model: Path) -> None:
     """Perplexity on fixed prose: the GGUF's own weights give 43.6 here (an INT8 build of
     the same GGUF 43.6), the builder's re-quantized INT4 gave 49.9 (and 89.7 against
     llama.cpp's 64.2 on 1,024 tokens of docs: docs/tool-calling.md)."""
-    import onnxruntime_genai as og
-
-    model = og.Model(str(default_model))
-    tokenizer = og.Tokenizer(model)
-    text = GATEWAY_TEXT
-    ids = np.array(tokenizer.encode(text)[:256], dtype=np.int32)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + 1)
-    generator = og.Generator(model, params)
-    nll = 0.0
-    for i, token in enumerate(ids[:-1]):
-        generator.append_tokens(np.array([token], dtype=np.int32))
-        logits = np.asarray(generator.get_logits(), dtype=np.float64).reshape(-1)
-        logits -= logits.max()
-        nll -= logits[ids[i + 1]] - np.log(np.exp(logits).sum())
-    perplexity = float(np.exp(nll / (len(ids) - 1)))
+    perplexity = quality.perplexity(default_model)
     assert perplexity < 46.5, perplexity

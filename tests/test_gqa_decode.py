@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeagent import gqa_decode
 from edgeagent.convert import GQA_DECODE, SANITY_PROMPT
 from edgeagent.manifest import MANIFEST_FILE
+from tests import quality
 
 RNG = np.random.default_rng(13)
 HEADS, KV_HEADS, HIDDEN, BLOCK = 4, 2, 256, 32
@@ -162,8 +163,6 @@ def test_steered_default_model_answers_and_reads_as_before(default_model: Path,
     and the perplexity of fixed prose within 1% of the default's."""
     import onnxruntime_genai as og
 
-    from tests.test_gguf_weights import GATEWAY_TEXT
-
     copy = tmp_path / "model"
     shutil.copytree(default_model, copy)
     source = json.loads((default_model / MANIFEST_FILE).read_text())["source"]
@@ -173,16 +172,6 @@ def test_steered_default_model_answers_and_reads_as_before(default_model: Path,
     def perplexity_and_answer(folder: Path) -> tuple[float, str]:
         model = og.Model(str(folder))
         tokenizer = og.Tokenizer(model)
-        ids = np.array(tokenizer.encode(GATEWAY_TEXT)[:256], dtype=np.int32)
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + 1)
-        generator = og.Generator(model, params)
-        nll = 0.0
-        for i, token in enumerate(ids[:-1]):
-            generator.append_tokens(np.array([token], dtype=np.int32))
-            logits = np.asarray(generator.get_logits(), dtype=np.float64).reshape(-1)
-            logits -= logits.max()
-            nll -= logits[ids[i + 1]] - np.log(np.exp(logits).sum())
         prompt = tokenizer.apply_chat_template(
             json.dumps([{"role": "user", "content": SANITY_PROMPT}]), add_generation_prompt=True)
         chat = tokenizer.encode(prompt)
@@ -194,7 +183,7 @@ def test_steered_default_model_answers_and_reads_as_before(default_model: Path,
         while not generator.is_done():
             generator.generate_next_token()
             tokens.append(int(generator.get_next_tokens()[0]))
-        return float(np.exp(nll / (len(ids) - 1))), str(tokenizer.decode(tokens))
+        return quality.perplexity(folder), str(tokenizer.decode(tokens))
 
     base_ppl, _ = perplexity_and_answer(default_model)
     ppl, answer = perplexity_and_answer(copy)
