@@ -160,7 +160,7 @@ def test_bad_schemas_are_400s_next_to_good_requests(start_daemon: Any) -> None:
     for name, field in (("bad_format", "response_format"), ("bad_tools", "tools")):
         assert replies[name].status_code == 400, replies[name].text
         error = replies[name].json()["error"]
-        assert error["param"] == field
+        assert error["param"].split(".")[0] == field, error  # where in it, after the field
         assert "hiccup" in error["message"]
     for name in ("good", "good_huge_top_k"):
         assert replies[name].status_code == 200, replies[name].text
