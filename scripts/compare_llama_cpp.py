@@ -14,14 +14,20 @@ printed with their ratio.
         --threads 2 --contexts 512,2048
 
     /path/to/venv-with-both/bin/python scripts/compare_llama_cpp.py --cpu \
-        --model DIR [--model DIR2 ...] [--rounds 3]
+        --model DIR [--model DIR2 ...] [--rounds 3] [--prefill-2048] [--no-llama]
 
 measures CPU time per token with ONE thread (process CPU time: the least noisy figure on a
 shared machine), the engines alternated round by round: greedy decode after a short prompt
 and after a 2,048-token prompt, and the prefill of a 512-token prompt (CPU ms per prompt
-token); llama.cpp with and without flash attention, onnxruntime-genai on each ``--model``
-with the engine's session options (no spinning). It prints a markdown table and the
-ratios to llama.cpp's best.
+token; ``--prefill-2048`` adds a 2,048-token one); llama.cpp with and without flash
+attention, onnxruntime-genai on each ``--model`` with the engine's session options (no
+spinning). It prints each round's figure on stderr (the first round warms up and is
+dropped), then a markdown table of medians and (min-max) and the ratios to llama.cpp's
+best. Without llama.cpp (``--no-llama``, or ``llama_cpp`` does not import, as in the
+project's venv) it measures the ``--model`` folders alone, e.g. to compare builds:
+
+    .venv/bin/python scripts/compare_llama_cpp.py --cpu --prefill-2048 --rounds 4 \
+        --model ~/.local/share/edgeagent/models/smollm2-135m-instruct-int4 --model /tmp/other
 
 ``--llama-only`` prints llama.cpp's figures alone as JSON, for ``scripts/bench.py``'s
 llama.cpp column (a venv with llama-cpp-python needs nothing of edgeagent for it): decode
@@ -198,45 +204,73 @@ def genai_cpu_row(model: Any, prompt: list[int], tokens: int, chunk: int = 256) 
     return (time.process_time() - cpu) * 1000 / (tokens - 1)
 
 
-def cpu_compare(gguf: Path, models: list[Path], rounds: int) -> str:
-    """One thread each, alternated round by round; medians in a markdown table."""
-    import onnxruntime_genai as og
-    from llama_cpp import Llama
+def llama_importable() -> str | None:
+    """None when ``llama_cpp`` imports, else why not (one line)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except (ImportError, OSError, RuntimeError) as exc:  # a broken build fails to load
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return None
 
+
+def cpu_compare(gguf: Path | None, models: list[Path], rounds: int,
+                prefill_2048: bool = False) -> str:
+    """One thread each, alternated round by round; medians and (min-max) in a markdown
+    table, every round's figure on stderr. llama.cpp's two rows and the ratio rows only
+    with a ``gguf`` (None: the onnxruntime-genai ``models`` alone)."""
+    import onnxruntime_genai as og
+
+    rows = (*CPU_ROWS, ("prefill 2,048 tokens", 2048, 0)) if prefill_2048 else CPU_ROWS
     engines: dict[str, tuple[str, Any]] = {}
-    for flash in (True, False):
-        engines[f"llama.cpp Q4_1, flash_attn={flash}"] = ("llama", Llama(
-            model_path=str(gguf), n_threads=1, n_threads_batch=1, n_ctx=2048 + 256,
-            n_batch=512, flash_attn=flash, verbose=False))
+    if gguf is not None:
+        from llama_cpp import Llama
+
+        for flash in (True, False):
+            engines[f"llama.cpp Q4_1, flash_attn={flash}"] = ("llama", Llama(
+                model_path=str(gguf), n_threads=1, n_threads_batch=1, n_ctx=2048 + 256,
+                n_batch=512, flash_attn=flash, verbose=False))
     overlay = json.dumps({"model": {"decoder": {"session_options": {
         "intra_op_num_threads": 1, "session.intra_op.allow_spinning": "0"}}}})
     for path in models:
         config = og.Config(str(path))
         config.overlay(overlay)
-        engines[f"onnxruntime-genai {path.name}"] = ("genai", og.Model(config))
-    words = next(iter(engines.values()))[1].tokenize((PROMPT + " ").encode() * 400)
+        name = f"onnxruntime-genai {path.name}"
+        engines[name if name not in engines else f"onnxruntime-genai {path}"] = (
+            "genai", og.Model(config))
+    kind, first = next(iter(engines.values()))
+    text = (PROMPT + " ") * 400
+    words = list(first.tokenize(text.encode()) if kind == "llama"
+                 else og.Tokenizer(first).encode(text))
     prompts = {0: words[:12], 512: words[:512], 2048: words[:2048]}
     runs: dict[tuple[str, str], list[float]] = {}
-    for _ in range(rounds + 1):  # the first round warms up and is dropped
+    for round_ in range(rounds + 1):  # the first round warms up and is dropped
         for name, (kind, engine) in engines.items():
-            for row, length, tokens in CPU_ROWS:
+            for row, length, tokens in rows:
                 measure = llama_cpu_row if kind == "llama" else genai_cpu_row
-                runs.setdefault((name, row), []).append(measure(engine, prompts[length],
-                                                                 tokens))
-    med = {key: statistics.median(v[1:]) for key, v in runs.items()}
-    lines = ["| engine | " + " | ".join(f"{row}, CPU ms/token" for row, _, _ in CPU_ROWS)
-             + " |", "|---" * (len(CPU_ROWS) + 1) + "|"]
+                value = measure(engine, prompts[length], tokens)
+                runs.setdefault((name, row), []).append(value)
+                print(f"round {round_}{' (warm-up)' if not round_ else ''} {name} {row}: "
+                      f"{value:.2f}", file=sys.stderr, flush=True)
+    kept = {key: v[1:] for key, v in runs.items()}
+    med = {key: statistics.median(v) for key, v in kept.items()}
+    lines = ["| engine | " + " | ".join(f"{row}, CPU ms/token" for row, _, _ in rows)
+             + " |", "|---" * (len(rows) + 1) + "|"]
     for name in engines:
         lines.append(f"| {name} | " + " | ".join(
-            f"{med[(name, row)]:.2f} ({1000 / med[(name, row)]:.0f} tok/s)"
-            for row, _, _ in CPU_ROWS) + " |")
-    best = {row: min(med[(n, row)] for n in engines if n.startswith("llama"))
-            for row, _, _ in CPU_ROWS}
-    for name in engines:
-        if not name.startswith("llama"):
-            lines.append(f"| {name} / llama.cpp's best (speed, >1 is faster) | " + " | ".join(
-                f"{best[row] / med[(name, row)]:.2f}x" for row, _, _ in CPU_ROWS) + " |")
-    return "\n".join(lines) + f"\n\n{rounds} rounds after a warm-up, medians; one thread.\n"
+            f"{med[(name, row)]:.2f} ({min(kept[(name, row)]):.2f}-"
+            f"{max(kept[(name, row)]):.2f}; {1000 / med[(name, row)]:.0f} tok/s)"
+            for row, _, _ in rows) + " |")
+    if gguf is not None:
+        best = {row: min(med[(n, row)] for n in engines if n.startswith("llama"))
+                for row, _, _ in rows}
+        for name in engines:
+            if not name.startswith("llama"):
+                lines.append(f"| {name} / llama.cpp's best (speed, >1 is faster) | "
+                             + " | ".join(f"{best[row] / med[(name, row)]:.2f}x"
+                                          for row, _, _ in rows) + " |")
+    note = "" if gguf is not None else " llama.cpp not measured: no llama.cpp or ratio rows."
+    return ("\n".join(lines) + f"\n\n{rounds} rounds after a warm-up, medians (min-max);"
+            f" one thread.{note}\n")
 
 
 def main() -> int:
@@ -258,10 +292,24 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true",
                     help="CPU ms per token, one thread, every --model against llama.cpp")
     ap.add_argument("--rounds", type=int, default=3, help="with --cpu")
+    ap.add_argument("--no-llama", action="store_true",
+                    help="with --cpu: the --models alone, without llama.cpp (the default "
+                         "when llama_cpp does not import)")
+    ap.add_argument("--prefill-2048", action="store_true",
+                    help="with --cpu: add the row of a 2,048-token prefill")
     args = ap.parse_args()
+    if args.cpu and not args.no_llama and (why := llama_importable()) is not None:
+        print(f"llama_cpp does not import ({why}): onnxruntime-genai alone",
+              file=sys.stderr)
+        args.no_llama = True
+    if args.cpu and args.no_llama:
+        print(cpu_compare(None, args.model or [Settings().model_path], args.rounds,
+                          args.prefill_2048))
+        return 0
     gguf = args.gguf or cached_gguf()
     if gguf is None:
-        print("no GGUF: pass --gguf, or run `edgeagent model build` once", file=sys.stderr)
+        print("no GGUF: pass --gguf, or run `edgeagent model build` once"
+              + (" (or --no-llama)" if args.cpu else ""), file=sys.stderr)
         return 2
     if args.llama_only:
         contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
@@ -269,7 +317,8 @@ def main() -> int:
                                     not args.no_flash_attn)))
         return 0
     if args.cpu:
-        print(cpu_compare(gguf, args.model or [Settings().model_path], args.rounds))
+        print(cpu_compare(gguf, args.model or [Settings().model_path], args.rounds,
+                          args.prefill_2048))
         return 0
     model = args.model[0] if args.model else Settings().model_path
     llama: list[float] = []
