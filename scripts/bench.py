@@ -58,7 +58,6 @@ import math
 import os
 import platform
 import resource
-import signal
 import subprocess
 import sys
 import tempfile
@@ -85,7 +84,7 @@ from edgeagent.planner import ModelMeta, Plan, plan  # noqa: E402
 from edgeagent.probe import probe  # noqa: E402
 from edgeagent.settings import LimitsSettings, RuntimeSettings, Settings  # noqa: E402
 from edgeagent.testing.broker import Broker, requester  # noqa: E402
-from edgeagent.testing.daemon import DaemonProc, running_daemon  # noqa: E402
+from edgeagent.testing.daemon import DaemonProc, exit_on_sigterm, running_daemon  # noqa: E402
 
 MB = 2**20
 SHORT = "Tell a story."
@@ -1166,8 +1165,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    # SIGTERM unwinds like ^C: the daemons started for the run are stopped on the way out
-    signal.signal(signal.SIGTERM, lambda sig, _frame: sys.exit(128 + sig))
+    exit_on_sigterm()  # the daemons started for the run are stopped on the way out
     results, rows = measure(args, args.model or Settings().model_path)
     doc = finite(results)
     print_summary(results, rows)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import statistics
 import sys
 import tempfile
@@ -452,8 +451,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # SIGTERM unwinds like ^C: the daemon started for the run is stopped on the way out
-    signal.signal(signal.SIGTERM, lambda sig, _frame: sys.exit(128 + sig))
+    from edgeagent.testing.daemon import exit_on_sigterm
+
+    exit_on_sigterm()  # the daemon started for the run is stopped on the way out
     if args.compare:
         results = [json.loads(p.read_text()) for p in args.compare]
     else:

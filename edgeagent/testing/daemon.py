@@ -150,6 +150,14 @@ def reap(d: DaemonProc) -> None:
     d.notify.close()
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (a CI timeout, ``kill``) unwind like ^C: ``sys.exit(128 + SIGTERM)``
+    from the main thread, so ``finally`` blocks and context managers run on the way out and
+    the daemons a script started (``running_daemon``) are stopped, not left behind. For a
+    script's ``main``; the exit status is the shell's for a death by that signal."""
+    signal.signal(signal.SIGTERM, lambda sig, _frame: sys.exit(128 + sig))
+
+
 @contextmanager
 def running_daemon(workdir: Path, model: Path, extra_toml: str = "", name: str = "d",
                    device_id: str | None = None, log_level: str = "warning",
