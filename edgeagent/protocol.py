@@ -13,13 +13,13 @@ import time
 import uuid
 from collections.abc import Sequence as SequenceT
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pydantic_core
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 from edgeagent.engine import (
     Closer,
@@ -224,6 +224,42 @@ class CustomToolChoice(Strict):
     custom: NamedFunction
 
 
+def _type_tag(value: Any) -> str | None:
+    """The ``type`` of an object (a JSON object or a model) that picks its member of a
+    tagged union; None (a 400 from the union's own message) when it has none."""
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return kind if isinstance(kind, str) else None
+
+
+def _tool_choice_tag(value: Any) -> str | None:
+    """Which member of ``tool_choice`` a value is: a string a mode, an object its type."""
+    return "mode" if isinstance(value, str) else _type_tag(value)
+
+
+#: A tool, by its ``type``: an error inside one names that kind alone (a plain union would
+#: report every member), and a missing or unknown ``type`` is one error.
+AnyTool = Annotated[
+    Annotated[Tool, Tag("function")] | Annotated[CustomTool, Tag("custom")],
+    Discriminator(_type_tag, custom_error_type="tool_type",
+                  custom_error_message="Input should be a tool whose type is 'function' or "
+                  "'custom'")]
+
+#: ``tool_choice``, one member by its tag, as for tools.
+ToolChoice = Annotated[
+    Annotated[Literal["none", "auto", "required"], Tag("mode")]
+    | Annotated[NamedToolChoice, Tag("function")]
+    | Annotated[AllowedToolChoice, Tag("allowed_tools")]
+    | Annotated[CustomToolChoice, Tag("custom")],
+    Discriminator(_tool_choice_tag, custom_error_type="tool_choice_type",
+                  custom_error_message="Input should be 'none', 'auto', 'required' or an "
+                  "object whose type is 'function', 'allowed_tools' or 'custom'")]
+
+#: Where a tagged union's member tag sits in an error's loc (pydantic puts it right after
+#: the union's own place): a field and the depth of its tag (``tools.0.<tag>``,
+#: ``tool_choice.<tag>``). ``validation_message`` leaves it out of the param.
+UNION_TAG_DEPTH = {"tools": 2, "tool_choice": 1}
+
+
 class JsonSchemaFormat(Strict):
     name: str = "response"
     description: str | None = None
@@ -308,11 +344,10 @@ class ChatCompletionRequest(SamplingFields):
                                         min_length=1)
     max_completion_tokens: int | None = supported(None, "as max_tokens, and wins over it",
                                                   ge=1, le=1_000_000)
-    tools: list[Tool | CustomTool] | None = supported(
+    tools: list[AnyTool] | None = supported(
         None, "function tools, under constrained decoding; custom (free-form) tools are "
         "refused")
-    tool_choice: (Literal["none", "auto", "required"] | NamedToolChoice | AllowedToolChoice
-                  | CustomToolChoice | None) = supported(
+    tool_choice: ToolChoice | None = supported(
         None, "`none`, `auto`, `required`, a named function, `allowed_tools`; all but "
         "`none` and `auto` need `tools`")
     parallel_tool_calls: bool | None = supported(
@@ -1138,12 +1173,22 @@ def job_error_body(err: JobError | AdmissionError) -> dict[str, Any]:
     return error_body(err.message, error_type(err.status), err.code, param)
 
 
+def error_path(loc: SequenceT[Any]) -> str:
+    """An error's loc as the request's JSON path (``tools.0.function.parameters``): without
+    FastAPI's ``body`` and without the member tag of a tagged union (``UNION_TAG_DEPTH``)."""
+    parts = [p for p in loc if p != "body"]
+    depth = UNION_TAG_DEPTH.get(parts[0]) if parts else None
+    if depth is not None and len(parts) > depth:
+        del parts[depth]
+    return ".".join(str(p) for p in parts)
+
+
 def validation_message(errors: SequenceT[Any]) -> tuple[str, str | None]:
     """pydantic's errors as one line (``path: message; ...``) and the first field at fault."""
     parts = []
     first_param = None
     for err in errors:
-        path = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        path = error_path(err.get("loc", ()))
         first_param = first_param or path or None
         parts.append(f"{path or 'body'}: {err.get('msg')}")
     return "; ".join(parts) or "invalid request", first_param

@@ -210,6 +210,13 @@ def test_response_format_json_schema(oai: openai.OpenAI) -> None:
      {}, 400),
     (b'{"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": '
      b'"json_schema", "json_schema": {"name": "r", "schema": {"anyOf": 7}}}}', {}, 400),
+    # a tool without a type, of an unknown type (tagged unions: one error naming the types)
+    (b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"function": '
+     b'{"name": "f"}}]}', {}, 400),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "web"}]}', {},
+     400),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "tool_choice": {"type": "web"}}',
+     {}, 400),
 ])
 def test_bad_input_gets_an_openai_error(
     http: httpx.Client, content: bytes, headers: dict[str, str], status: int
@@ -222,6 +229,9 @@ def test_bad_input_gets_an_openai_error(
     assert err["type"]
     if b'"enum": 5' in content:
         assert "properties/x/enum" in err["message"], err
+    if b'"web"' in content or b'[{"function"' in content:
+        assert err["param"] in ("tools.0", "tool_choice"), err
+        assert "'function'" in err["message"] and ";" not in err["message"], err
 
 
 def test_oversized_body_and_long_prompt(http: httpx.Client) -> None:

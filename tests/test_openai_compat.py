@@ -15,6 +15,7 @@ import openai
 import pytest
 from openai.types import completion_create_params
 from openai.types.chat import completion_create_params as chat_create_params
+from pydantic import ValidationError
 
 from edgeagent import protocol
 from edgeagent.docs import openai_compat
@@ -84,6 +85,41 @@ def test_tool_result_reaches_the_template_with_its_name_and_call_id() -> None:
     tool = engine.messages[-1]
     assert (tool["role"], tool["name"], tool["tool_call_id"]) == ("tool", "weather", "call_1")
     assert "client_ts" not in engine.messages[0]
+
+
+def _errors(body: dict[str, Any]) -> tuple[int, str, str | None]:
+    """How many errors a chat body gives, and the 400's message and param."""
+    with pytest.raises(ValidationError) as info:
+        protocol.ChatCompletionRequest.model_validate({"messages": USER, **body})
+    return (len(info.value.errors()), *protocol.validation_message(info.value.errors()))
+
+
+def test_a_bad_tool_is_one_error_named_by_its_json_path() -> None:
+    """tools and tool_choice are unions tagged by ``type``: an error inside a tool is that
+    kind's alone, and its param is the request's path, without the union member's name."""
+    count, message, param = _errors({"tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "hiccup"}}}]})
+    assert (count, param) == (1, "tools.0.function.parameters"), message
+    assert message.startswith("tools.0.function.parameters: ") and "hiccup" in message
+    assert _errors({"tools": [{"type": "function", "function": {"name": "f"}, "x": 1}]}
+                   )[2] == "tools.0.x"
+    assert _errors({"tool_choice": {"type": "function", "function": {}}}
+                   )[::2] == (1, "tool_choice.function.name")
+    assert _errors({"tool_choice": "sometimes"})[::2] == (1, "tool_choice")
+
+
+@pytest.mark.parametrize("body, param, says", [
+    ({"tools": [{"function": {"name": "f"}}]}, "tools.0", "'function' or 'custom'"),
+    ({"tools": [{"type": "web", "function": {"name": "f"}}]}, "tools.0", "'custom'"),
+    ({"tools": ["f"]}, "tools.0", "'function' or 'custom'"),
+    ({"tool_choice": {"function": {"name": "f"}}}, "tool_choice", "'allowed_tools'"),
+    ({"tool_choice": {"type": "web"}}, "tool_choice", "'none', 'auto', 'required'"),
+])
+def test_a_missing_or_unknown_type_is_one_error_naming_the_types(
+        body: dict[str, Any], param: str, says: str) -> None:
+    count, message, got = _errors(body)
+    assert (count, got) == (1, param), message
+    assert says in message
 
 
 # ------------------------------------------------------------------ the daemon (conftest
