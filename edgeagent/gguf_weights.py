@@ -14,7 +14,10 @@ weights, MatMulNBits by MatMulNBits, with the GGUF's blocks as they are:
   input gets those block sums as extra columns (``Concat(x, x @ ones)``, ``ones`` a
   [K, K / 32] block indicator) and the weight row gets ``r`` there, so one MatMulNBits
   still computes the whole product; the ``r`` columns are quantized at 4 bits in blocks of
-  their own (an error about 30 times smaller than the builder's).
+  their own (an error about 30 times smaller than the builder's). The sums are padded with
+  zero columns to whole blocks of 32 (:func:`sum_columns`): with a K that ends in a partial
+  block, onnxruntime's MatMulNBits spent ~10% more CPU per decoded token for the same
+  result, bit for bit (docs/engine-notes.md).
 * Q8_0 (the tied embedding and ``lm_head``): ``d * q`` with ``q`` in -127..127 is exactly an
   8-bit MatMulNBits (zero point 128 by default) and an 8-bit GatherBlockQuantized.
 
@@ -144,8 +147,22 @@ class Joined:
         return w[:, : self.k]
 
 
+def sum_columns(k: int) -> int:
+    """How many columns the block sums of a K-wide input take: K / 32 of them, padded with
+    zeros to whole blocks of 32."""
+    return -(-(k // BLOCK) // BLOCK) * BLOCK
+
+
+def block_indicator(k: int) -> np.ndarray:
+    """[k, sum_columns(k)] ones and zeros: ``x @ it`` is x's block sums, then zeros."""
+    ones = np.zeros((k, sum_columns(k)), np.float32)
+    ones[np.arange(k), np.arange(k) // BLOCK] = 1.0
+    return ones
+
+
 def join_q4_1(w: Q41) -> Joined:
-    """The Q4_1 weight as MatMulNBits over ``[x, block sums of x]`` (module docstring)."""
+    """The Q4_1 weight as MatMulNBits over ``[x, block sums of x, zeros]`` (module
+    docstring)."""
     rows, cols = w.q.shape
     safe_d = np.where(w.d == 0, 1.0, w.d)
     zero = np.clip(np.round(-w.m / safe_d), 0, 15)
@@ -160,7 +177,7 @@ def join_q4_1(w: Q41) -> Joined:
         zeros = np.concatenate([zeros, np.zeros((rows, 1), np.uint8)], axis=1)
     return Joined(b=pack4(q).reshape(rows, blocks, BLOCK // 2),
                   scales=scales.reshape(-1).astype(np.float32),
-                  zeros=pack4(zeros).reshape(-1), k=cols + cols // BLOCK)
+                  zeros=pack4(zeros).reshape(-1), k=cols + sum_columns(cols))
 
 
 class _Gguf:
@@ -344,13 +361,11 @@ def hf_reference(hf_dir: Path) -> Callable[[str], np.ndarray | None]:
 
 def _block_indicator(k: int, graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto]
                      ) -> str:
-    """A [k, k / 32] matrix of ones and zeros: ``x @ it`` sums x in blocks of 32 (one
-    MatMul: measured cheaper per token than Reshape and ReduceSum)."""
+    """:func:`block_indicator` as an initializer: one MatMul gives the sums and their
+    padding (Reshape and ReduceSum would need a Pad as well)."""
     name = f"/edgeagent/block_indicator/{k}"
     if name not in inits:
-        ones = np.zeros((k, k // BLOCK), np.float32)
-        ones[np.arange(k), np.arange(k) // BLOCK] = 1.0
-        inits[name] = numpy_helper.from_array(ones, name)
+        inits[name] = numpy_helper.from_array(block_indicator(k), name)
         graph.initializer.append(inits[name])
     return name
 

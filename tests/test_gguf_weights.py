@@ -69,8 +69,7 @@ def _run_matmul_nbits(joined: gw.Joined, x: np.ndarray, accuracy_level: int) -> 
     """The real onnxruntime kernel on ``[x, block sums of x]``, as the rewritten graph
     computes it."""
     n, k = joined.b.shape[0], x.shape[-1]
-    ones = np.zeros((k, k // 32), np.float32)
-    ones[np.arange(k), np.arange(k) // 32] = 1
+    ones = gw.block_indicator(k)
     nodes = [
         helper.make_node("MatMul", ["x", "ones"], ["sums"]),
         helper.make_node("Concat", ["x", "sums"], ["xs"], axis=-1),
@@ -124,9 +123,22 @@ def test_the_residual_columns_hold_the_minimums() -> None:
     main = dense[:, :cols]
     residual = (w.dense() - main).reshape(rows, cols // 32, 32)
     assert np.ptp(residual, axis=-1).max() < 1e-6
-    # ... which the extra columns hold, to 4 bits of their own range.
+    # ... which the extra columns hold, to 4 bits of their own range ...
     span = np.ptp(residual[..., 0], axis=1)
-    assert np.all(np.abs(dense[:, cols:] - residual[..., 0]) <= span[:, None] / 15 + 1e-7)
+    extra = dense[:, cols:cols + cols // 32]
+    assert np.all(np.abs(extra - residual[..., 0]) <= span[:, None] / 15 + 1e-7)
+    # ... and the padding to a whole block weighs exactly nothing.
+    assert dense.shape[1] == cols + 32
+    assert not dense[:, cols + cols // 32:].any()
+
+
+@pytest.mark.parametrize(("cols", "padded"), [(576, 32), (1536, 64)])
+def test_block_sums_fill_whole_blocks(cols: int, padded: int) -> None:
+    x = RNG.standard_normal((2, cols)).astype(np.float32)
+    sums = x @ gw.block_indicator(cols)
+    assert gw.sum_columns(cols) == padded == sums.shape[1]
+    np.testing.assert_allclose(sums[:, :cols // 32], x.reshape(2, -1, 32).sum(-1), atol=1e-4)
+    assert not sums[:, cols // 32:].any()
 
 
 @pytest.mark.model
@@ -151,10 +163,10 @@ def test_default_model_holds_the_ggufs_weights(default_model: Path) -> None:
                                    for name in names])
             cols = want.shape[1]
             dense = joined.dense()
-            assert dense.shape == (n, cols + cols // 32)
+            assert dense.shape == (n, cols + gw.sum_columns(cols))
             # main columns plus the block's residual column give the GGUF's weight, but for
             # the residuals' own 4-bit rounding: 10x closer than the builder's re-quantization
-            got = dense[:, :cols] + np.repeat(dense[:, cols:], 32, axis=1)
+            got = dense[:, :cols] + np.repeat(dense[:, cols:cols + cols // 32], 32, axis=1)
             error = np.abs(got - want).mean()
             assert error < np.abs(_symmetric_int4(want) - want).mean() / 10, (layer, proj)
     head = nodes["/lm_head/MatMul_Q4"]
