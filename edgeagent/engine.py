@@ -19,7 +19,8 @@ row too: its grammar (llguidance, edgeagent/guidance.py) masks the tokens it for
 same logits rewrite, before the row's own sampling, and consumes each token drawn; so it
 batches with other rows and takes the prefix cache like any. A prompt longer than
 ``plan.prefill_chunk`` runs alone, fed one chunk per step: a prefill's memory is bounded
-by the chunk, and a cancel lands between chunks.
+by the chunk, and a cancel lands between chunks. A row that draws with a seed runs alone
+too, so that its arithmetic, and so its tokens, do not depend on the rows beside it.
 
 With the prefix cache on (``plan.prefix_cache_bytes``, edgeagent/prefix_cache.py), a
 sequence that runs alone gets a generator for the whole context: when it ends, the
@@ -536,8 +537,13 @@ class Engine:
                 self._retire(batch)
 
     def _runs_alone(self, seq: Sequence) -> bool:
-        """Longer than a prefill chunk, or starting with a cached prompt."""
-        return len(seq.prompt) > self.plan.prefill_chunk or self.prefix_cache.hits(seq.prompt)
+        """Longer than a prefill chunk, starting with a cached prompt, or drawing with a
+        seed. A seed promises the same tokens whatever else runs, and the logits of a row
+        may depend on the rows beside it: on some CPUs onnxruntime's 4-bit MatMulNBits
+        rounds a one-row product differently from the same row in a larger one (an AVX2
+        EPYC: 5e-7, enough to change a draw a few tokens later; docs/engine-notes.md)."""
+        return (len(seq.prompt) > self.plan.prefill_chunk or self.prefix_cache.hits(seq.prompt)
+                or (seq.sampling.seed is not None and not seq.sampling.greedy))
 
     def _next_rows(self) -> list[Sequence]:
         """The oldest pending sequence, and those that can share its batch."""

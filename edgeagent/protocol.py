@@ -315,7 +315,8 @@ class SamplingFields(Strict):
     stream_options: StreamOptions | None = supported(
         None, "`include_usage`; `include_obfuscation` ignored; only with `stream`")
     n: int | None = supported(None, "n rows of one batch sharing the prompt, each with "
-                              "its own draw (with a seed, row i > 0 a seed derived from it); "
+                              "its own draw (with a seed, row i > 0 a seed derived from it, and "
+                              "each row runs alone, so that the seed reproduces it); "
                               "at most the batch capacity (`runtime.max_batch`); guided "
                               "choices run one after the other", ge=1, le=128)
     user: str | None = ignored(NOT_STORED)
