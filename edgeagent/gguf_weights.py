@@ -7,17 +7,18 @@ hold the first, every weight moves a second time, and the model loses 40% in per
 weights, MatMulNBits by MatMulNBits, with the GGUF's blocks as they are:
 
 * Q4_1 (the layers): a block of 32 weights is ``d * q + m`` (``q`` in 0..15, a scale ``d``
-  and a minimum ``m``). MatMulNBits computes ``s * (q - z)`` with an integer zero point
-  ``z`` (its float zero points take a path 60x slower on CPU), so ``q`` and ``s = d`` are
-  kept, ``z = round(-m / d)``, and what is left, ``r = m + d * z`` (at most ``d / 2``), is
-  one constant per block: its share of the product is ``r * sum(x over the block)``. The
-  input gets those block sums as extra columns (``Concat(x, x @ ones)``, ``ones`` a
-  [K, K / 32] block indicator) and the weight row gets ``r`` there, so one MatMulNBits
-  still computes the whole product; the ``r`` columns are quantized at 4 bits in blocks of
-  their own (an error about 30 times smaller than the builder's). The sums are padded with
-  zero columns to whole blocks of 32 (:func:`sum_columns`): with a K that ends in a partial
-  block, onnxruntime's MatMulNBits spent ~10% more CPU per decoded token for the same
-  result, bit for bit (docs/engine-notes.md).
+  and a minimum ``m``). MatMulNBits without zero points computes ``s * (q - 8)``, on
+  onnxruntime's fastest CPU kernel (integer zero points cost 15-20% more CPU per call, float
+  ones take a path 60x slower), so ``q`` and ``s = d`` are kept and what is left,
+  ``r = m + 8 * d``, is one constant per block: its share of the product is
+  ``r * sum(x over the block)``. The input gets those block sums as extra columns
+  (``Concat(x, x @ ones)``, ``ones`` a block indicator, :func:`block_indicator`) and the
+  weight row gets ``r`` there, so one MatMulNBits still computes the whole product. ``r``
+  is written at 4 bits in two blocks of its own, a coarse one and the rest of its rounding,
+  each beside its own copy of the sums (the error is at most 1/196 of the row's largest ``r``,
+  about 30 times smaller than the builder's re-quantization). The sums fill whole blocks
+  of 32 (zero columns): with a K that ends in a partial block, MatMulNBits spent ~10% more
+  CPU per decoded token for the same result, bit for bit (docs/engine-notes.md).
 * Q8_0 (the tied embedding and ``lm_head``): ``d * q`` with ``q`` in -127..127 is exactly an
   8-bit MatMulNBits (zero point 128 by default) and an 8-bit GatherBlockQuantized.
 
@@ -108,19 +109,19 @@ def pack4(values: np.ndarray) -> np.ndarray:
 
 
 def quantize4(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Asymmetric 4-bit, round to nearest, per block of 32 along axis 1 (padded with zeros):
-    (q [rows, blocks * 32], scale [rows, blocks], zero point [rows, blocks])."""
+    """4-bit around 8 (MatMulNBits without zero points: ``s * (q - 8)``), round to nearest,
+    per block of 32 along axis 1 (padded with zeros): (q [rows, blocks * 32], scale
+    [rows, blocks], the values q gives back [rows, n])."""
     rows, n = values.shape
     blocks = -(-n // BLOCK)
     padded = np.zeros((rows, blocks * BLOCK), dtype=np.float32)
     padded[:, :n] = values
     b = padded.reshape(rows, blocks, BLOCK)
-    lo, hi = np.minimum(b.min(-1), 0), np.maximum(b.max(-1), 0)
-    scale = (hi - lo) / 15
+    scale = np.maximum(b.max(-1) / 7, -b.min(-1) / 8)
     scale[scale == 0] = 1.0
-    zero = np.clip(np.round(-lo / scale), 0, 15)
-    q = np.clip(np.round(b / scale[..., None]) + zero[..., None], 0, 15)
-    return q.reshape(rows, -1).astype(np.uint8), scale.astype(np.float32), zero.astype(np.uint8)
+    q = np.clip(np.round(b / scale[..., None]) + 8, 0, 15)
+    back = ((q - 8) * scale[..., None]).reshape(rows, -1)[:, :n]
+    return q.reshape(rows, -1).astype(np.uint8), scale.astype(np.float32), back
 
 
 @dataclass
@@ -129,8 +130,7 @@ class Joined:
 
     b: np.ndarray  # [N, blocks, 16] uint8
     scales: np.ndarray  # [N * blocks] float32
-    zeros: np.ndarray  # [N * ceil(blocks / 2)] uint8
-    k: int  # K + K / 32
+    k: int  # K + 2 * sum_columns(K)
 
     def dense(self) -> np.ndarray:
         """The [N, k] weights this encodes (for the check)."""
@@ -138,46 +138,37 @@ class Joined:
         q = np.empty((n, blocks * BLOCK), dtype=np.float32)
         q[:, 0::2] = (self.b & 0x0F).reshape(n, -1)
         q[:, 1::2] = (self.b >> 4).reshape(n, -1)
-        z = np.empty((n, 2 * (-(-blocks // 2))), dtype=np.float32)
-        packed = self.zeros.reshape(n, -1)
-        z[:, 0::2], z[:, 1::2] = packed & 0x0F, packed >> 4
-        z = z[:, :blocks]
         s = self.scales.reshape(n, blocks)
-        w: np.ndarray = (q - np.repeat(z, BLOCK, axis=1)) * np.repeat(s, BLOCK, axis=1)
+        w: np.ndarray = (q - 8) * np.repeat(s, BLOCK, axis=1)
         return w[:, : self.k]
 
 
 def sum_columns(k: int) -> int:
-    """How many columns the block sums of a K-wide input take: K / 32 of them, padded with
-    zeros to whole blocks of 32."""
+    """How many columns one copy of the block sums of a K-wide input takes: K / 32 of them,
+    padded with zeros to whole blocks of 32."""
     return -(-(k // BLOCK) // BLOCK) * BLOCK
 
 
 def block_indicator(k: int) -> np.ndarray:
-    """[k, sum_columns(k)] ones and zeros: ``x @ it`` is x's block sums, then zeros."""
-    ones = np.zeros((k, sum_columns(k)), np.float32)
-    ones[np.arange(k), np.arange(k) // BLOCK] = 1.0
+    """[k, 2 * sum_columns(k)] ones and zeros: ``x @ it`` is x's block sums and zeros,
+    twice (the coarse and the fine blocks of the residual)."""
+    width = sum_columns(k)
+    ones = np.zeros((k, 2 * width), np.float32)
+    for copy in (0, width):
+        ones[np.arange(k), copy + np.arange(k) // BLOCK] = 1.0
     return ones
 
 
 def join_q4_1(w: Q41) -> Joined:
-    """The Q4_1 weight as MatMulNBits over ``[x, block sums of x, zeros]`` (module
-    docstring)."""
+    """The Q4_1 weight as MatMulNBits over ``[x, x @ block_indicator]`` (module docstring)."""
     rows, cols = w.q.shape
-    safe_d = np.where(w.d == 0, 1.0, w.d)
-    zero = np.clip(np.round(-w.m / safe_d), 0, 15)
-    zero[w.d == 0] = 0
-    residual = w.m + w.d * zero  # [rows, cols / 32]
-    rq, rscale, rzero = quantize4(residual)
-    q = np.concatenate([w.q, rq], axis=1)
-    scales = np.concatenate([w.d, rscale], axis=1)
-    zeros = np.concatenate([zero.astype(np.uint8), rzero], axis=1)
-    blocks = scales.shape[1]
-    if blocks % 2:
-        zeros = np.concatenate([zeros, np.zeros((rows, 1), np.uint8)], axis=1)
-    return Joined(b=pack4(q).reshape(rows, blocks, BLOCK // 2),
-                  scales=scales.reshape(-1).astype(np.float32),
-                  zeros=pack4(zeros).reshape(-1), k=cols + sum_columns(cols))
+    residual = w.m + 8 * w.d  # [rows, cols / 32]: d * q + m = d * (q - 8) + residual
+    coarse_q, coarse_s, coarse = quantize4(residual)
+    fine_q, fine_s, _ = quantize4(residual - coarse)
+    q = np.concatenate([w.q, coarse_q, fine_q], axis=1)
+    scales = np.concatenate([w.d, coarse_s, fine_s], axis=1)
+    return Joined(b=pack4(q).reshape(rows, scales.shape[1], BLOCK // 2),
+                  scales=scales.reshape(-1).astype(np.float32), k=cols + 2 * sum_columns(cols))
 
 
 class _Gguf:
@@ -279,8 +270,6 @@ def restore(model_dir: Path, gguf_path: Path, progress: Progress,
             joined = join_q4_1(w)
             _put(inits, node.input[1], joined.b)
             _put(inits, node.input[2], joined.scales)
-            zeros_name = node.input[1] + "_zero_points"
-            graph.initializer.append(numpy_helper.from_array(joined.zeros, zeros_name))
             x = node.input[0]
             if x not in sums:
                 base = f"/edgeagent/block_sums/{len(sums)}"
@@ -293,7 +282,7 @@ def restore(model_dir: Path, gguf_path: Path, progress: Progress,
                 sums[x] = base + "/output_0"
             weight, scales = node.input[1], node.input[2]
             del node.input[:]
-            node.input.extend([sums[x], weight, scales, zeros_name])
+            node.input.extend([sums[x], weight, scales])
             _set_attr(node, "K", joined.k)
             layers += 1
         elif node.name == "/lm_head/MatMul_Q4":

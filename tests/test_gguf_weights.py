@@ -73,13 +73,12 @@ def _run_matmul_nbits(joined: gw.Joined, x: np.ndarray, accuracy_level: int) -> 
     nodes = [
         helper.make_node("MatMul", ["x", "ones"], ["sums"]),
         helper.make_node("Concat", ["x", "sums"], ["xs"], axis=-1),
-        helper.make_node("MatMulNBits", ["xs", "b", "s", "z"], ["y"], domain="com.microsoft",
+        helper.make_node("MatMulNBits", ["xs", "b", "s"], ["y"], domain="com.microsoft",
                          K=joined.k, N=n, bits=4, block_size=32,
                          accuracy_level=accuracy_level),
     ]
     inits = [numpy_helper.from_array(ones, "ones"), numpy_helper.from_array(joined.b, "b"),
-             numpy_helper.from_array(joined.scales, "s"),
-             numpy_helper.from_array(joined.zeros, "z")]
+             numpy_helper.from_array(joined.scales, "s")]
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], inits)
@@ -119,26 +118,32 @@ def test_the_residual_columns_hold_the_minimums() -> None:
     rows, cols = 8, 576
     w = gw.read_q4_1(_q4_1_raw(rows, cols), rows, cols)
     dense = gw.join_q4_1(w).dense()
-    # The integer part, d * (q - z), is the weight up to one constant per block ...
+    # The integer part, d * (q - 8), is the weight up to one constant per block ...
     main = dense[:, :cols]
     residual = (w.dense() - main).reshape(rows, cols // 32, 32)
     assert np.ptp(residual, axis=-1).max() < 1e-6
-    # ... which the extra columns hold, to 4 bits of their own range ...
-    span = np.ptp(residual[..., 0], axis=1)
-    extra = dense[:, cols:cols + cols // 32]
-    assert np.all(np.abs(extra - residual[..., 0]) <= span[:, None] / 15 + 1e-7)
-    # ... and the padding to a whole block weighs exactly nothing.
-    assert dense.shape[1] == cols + 32
-    assert not dense[:, cols + cols // 32:].any()
+    # ... which the coarse and the fine extra columns hold between them, to 1/196 of the
+    # row's largest (coarse scale <= peak / 7, fine scale <= coarse / 14, error <= fine / 2)
+    width = gw.sum_columns(cols)
+    coarse, fine = dense[:, cols:cols + 18], dense[:, cols + width:cols + width + 18]
+    peak = np.abs(residual[..., 0]).max(axis=1, keepdims=True)
+    assert np.all(np.abs(coarse + fine - residual[..., 0]) <= peak / 196 + 1e-7)
+    assert np.abs(coarse - residual[..., 0]).max() > peak.min() / 196  # the fine part counts
+    # ... and the padding to whole blocks weighs exactly nothing.
+    assert dense.shape[1] == cols + 2 * 32
+    assert not dense[:, cols + 18:cols + width].any()
+    assert not dense[:, cols + width + 18:].any()
 
 
 @pytest.mark.parametrize(("cols", "padded"), [(576, 32), (1536, 64)])
 def test_block_sums_fill_whole_blocks(cols: int, padded: int) -> None:
     x = RNG.standard_normal((2, cols)).astype(np.float32)
     sums = x @ gw.block_indicator(cols)
-    assert gw.sum_columns(cols) == padded == sums.shape[1]
-    np.testing.assert_allclose(sums[:, :cols // 32], x.reshape(2, -1, 32).sum(-1), atol=1e-4)
-    assert not sums[:, cols // 32:].any()
+    assert gw.sum_columns(cols) == padded and sums.shape[1] == 2 * padded
+    want = x.reshape(2, -1, 32).sum(-1)
+    for copy in (0, padded):  # the sums, then zeros, twice
+        np.testing.assert_allclose(sums[:, copy:copy + cols // 32], want, atol=1e-4)
+        assert not sums[:, copy + cols // 32:copy + padded].any()
 
 
 @pytest.mark.model
@@ -157,16 +162,18 @@ def test_default_model_holds_the_ggufs_weights(default_model: Path) -> None:
             node = nodes[f"/model/layers.{layer}/{proj}/MatMul_Q4"]
             n = next(a.i for a in node.attribute if a.name == "N")
             k = next(a.i for a in node.attribute if a.name == "K")
-            joined = gw.Joined(inits[node.input[1]], inits[node.input[2]],
-                               inits[node.input[3]], k)
+            assert len(node.input) == 3  # no zero points: onnxruntime's fastest kernel
+            joined = gw.Joined(inits[node.input[1]], inits[node.input[2]], k)
             want = np.concatenate([source.q4_1(f"blk.{layer}.{name}.weight").dense()
                                    for name in names])
             cols = want.shape[1]
             dense = joined.dense()
-            assert dense.shape == (n, cols + gw.sum_columns(cols))
-            # main columns plus the block's residual column give the GGUF's weight, but for
-            # the residuals' own 4-bit rounding: 10x closer than the builder's re-quantization
-            got = dense[:, :cols] + np.repeat(dense[:, cols:cols + cols // 32], 32, axis=1)
+            width = gw.sum_columns(cols)
+            assert dense.shape == (n, cols + 2 * width)
+            # main columns plus the block's residual columns give the GGUF's weight, but for
+            # the residuals' own rounding: 10x closer than the builder's re-quantization
+            residual = dense[:, cols:cols + cols // 32] + dense[:, cols + width:][:, :cols // 32]
+            got = dense[:, :cols] + np.repeat(residual, 32, axis=1)
             error = np.abs(got - want).mean()
             assert error < np.abs(_symmetric_int4(want) - want).mean() / 10, (layer, proj)
     head = nodes["/lm_head/MatMul_Q4"]
