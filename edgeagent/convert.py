@@ -68,8 +68,8 @@ BUILDER_OPTIONS = {"prune_lm_head": "true"}
 #: How the default model's weights reach it: the builder's INT4 weights are replaced by the
 #: GGUF's own Q4_1/Q8_0 blocks (edgeagent.gguf_weights). Recorded in the manifest's source:
 #: a model built otherwise is rebuilt. 2: the block sums padded to whole blocks of 32;
-#: 3: no zero points (the residual ``m + 8d`` in two blocks).
-GGUF_WEIGHTS = "gguf-blocks-3"
+#: 3: no zero points (the residual ``m + 8d`` in two blocks); 4: the block sums by ReduceSum.
+GGUF_WEIGHTS = "gguf-blocks-4"
 #: How the default model's attention runs: every GroupQueryAttention steered onto
 #: onnxruntime's GEMM kernel, its softmax scale moved onto the query
 #: (edgeagent.gqa_decode; 1.33-1.38x faster decode after 2,048 tokens). Recorded in the

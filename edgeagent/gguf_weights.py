@@ -12,8 +12,9 @@ weights, MatMulNBits by MatMulNBits, with the GGUF's blocks as they are:
   ones take a path 60x slower), so ``q`` and ``s = d`` are kept and what is left,
   ``r = m + 8 * d``, is one constant per block: its share of the product is
   ``r * sum(x over the block)``. The input gets those block sums as extra columns
-  (``Concat(x, x @ ones)``, ``ones`` a block indicator, :func:`block_indicator`) and the
-  weight row gets ``r`` there, so one MatMulNBits still computes the whole product. ``r``
+  (:func:`block_sum_nodes`: a Reshape to blocks, a ReduceSum, a small MatMul that places
+  them, a Concat) and the weight row gets ``r`` there, so one MatMulNBits still computes
+  the whole product. ``r``
   is written at 4 bits in two blocks of its own, a coarse one and the rest of its rounding,
   each beside its own copy of the sums (the error is at most 1/196 of the row's largest ``r``,
   about 30 times smaller than the builder's re-quantization). The sums fill whole blocks
@@ -149,18 +150,45 @@ def sum_columns(k: int) -> int:
     return -(-(k // BLOCK) // BLOCK) * BLOCK
 
 
-def block_indicator(k: int) -> np.ndarray:
-    """[k, 2 * sum_columns(k)] ones and zeros: ``x @ it`` is x's block sums and zeros,
-    twice (the coarse and the fine blocks of the residual)."""
-    width = sum_columns(k)
-    ones = np.zeros((k, 2 * width), np.float32)
+def block_placement(k: int) -> np.ndarray:
+    """[k / 32, 2 * sum_columns(k)] ones and zeros: the block sums of a K-wide input, times
+    this, are the sums and zeros, twice (beside the coarse and the fine blocks of the
+    residual). Exact: each output is one sum or 0."""
+    blocks, width = k // BLOCK, sum_columns(k)
+    place = np.zeros((blocks, 2 * width), np.float32)
     for copy in (0, width):
-        ones[np.arange(k), copy + np.arange(k) // BLOCK] = 1.0
-    return ones
+        place[np.arange(blocks), copy + np.arange(blocks)] = 1.0
+    return place
+
+
+def block_sum_nodes(x: str, k: int, prefix: str
+                    ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
+    """The nodes that turn a [batch, sequence, k] input ``x`` into ``[x, block sums, zeros,
+    block sums, zeros]`` (the input of a joined MatMulNBits), the constants they need (named
+    by k: shared by every input of that width) and the output's name. The sums come from a
+    ReduceSum over the input seen as blocks: a MatMul by a [k, 2 * sum_columns(k)] block
+    indicator, one node fewer, cost ~8% more CPU per decoded token (reading that matrix
+    each call)."""
+    shape, place = f"/edgeagent/block_shape/{k}", f"/edgeagent/block_placement/{k}"
+    axis = "/edgeagent/last_axis"
+    constants = [numpy_helper.from_array(np.array([0, 0, k // BLOCK, BLOCK], np.int64), shape),
+                 numpy_helper.from_array(np.array([-1], np.int64), axis),
+                 numpy_helper.from_array(block_placement(k), place)]
+    nodes = [
+        helper.make_node("Reshape", [x, shape], [prefix + "/blocks"], name=prefix + "/Reshape"),
+        helper.make_node("ReduceSum", [prefix + "/blocks", axis], [prefix + "/sums"],
+                         keepdims=0, name=prefix + "/ReduceSum"),
+        helper.make_node("MatMul", [prefix + "/sums", place], [prefix + "/placed"],
+                         name=prefix + "/Place"),
+        helper.make_node("Concat", [x, prefix + "/placed"], [prefix + "/output_0"], axis=-1,
+                         name=prefix + "/Concat"),
+    ]
+    return nodes, constants, prefix + "/output_0"
 
 
 def join_q4_1(w: Q41) -> Joined:
-    """The Q4_1 weight as MatMulNBits over ``[x, x @ block_indicator]`` (module docstring)."""
+    """The Q4_1 weight as MatMulNBits over :func:`block_sum_nodes`' output (module
+    docstring)."""
     rows, cols = w.q.shape
     residual = w.m + 8 * w.d  # [rows, cols / 32]: d * q + m = d * (q - 8) + residual
     coarse_q, coarse_s, coarse = quantize4(residual)
@@ -272,14 +300,13 @@ def restore(model_dir: Path, gguf_path: Path, progress: Progress,
             _put(inits, node.input[2], joined.scales)
             x = node.input[0]
             if x not in sums:
-                base = f"/edgeagent/block_sums/{len(sums)}"
-                ones = _block_indicator(k, graph, inits)
-                new_nodes.append(helper.make_node("MatMul", [x, ones], [base + "/sums"],
-                                                  name=base + "/MatMul"))
-                new_nodes.append(helper.make_node("Concat", [x, base + "/sums"],
-                                                  [base + "/output_0"], axis=-1,
-                                                  name=base + "/Concat"))
-                sums[x] = base + "/output_0"
+                nodes, constants, sums[x] = block_sum_nodes(
+                    x, k, f"/edgeagent/block_sums/{len(sums)}")
+                new_nodes.extend(nodes)
+                for constant in constants:
+                    if constant.name not in inits:
+                        inits[constant.name] = constant
+                        graph.initializer.append(constant)
             weight, scales = node.input[1], node.input[2]
             del node.input[:]
             node.input.extend([sums[x], weight, scales])
@@ -346,17 +373,6 @@ def hf_reference(hf_dir: Path) -> Callable[[str], np.ndarray | None]:
         return None
 
     return weight
-
-
-def _block_indicator(k: int, graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto]
-                     ) -> str:
-    """:func:`block_indicator` as an initializer: one MatMul gives the sums and their
-    padding (Reshape and ReduceSum would need a Pad as well)."""
-    name = f"/edgeagent/block_indicator/{k}"
-    if name not in inits:
-        inits[name] = numpy_helper.from_array(block_indicator(k), name)
-        graph.initializer.append(inits[name])
-    return name
 
 
 def _init_dims(inits: dict[str, onnx.TensorProto], name: str) -> list[int]:

@@ -65,28 +65,29 @@ def test_llama_rows_undo_llama_cpp_rotary_permutation() -> None:
     np.testing.assert_array_equal(stored[gw.llama_rows(len(hf), heads)], hf)
 
 
-def _run_matmul_nbits(joined: gw.Joined, x: np.ndarray, accuracy_level: int) -> np.ndarray:
-    """The real onnxruntime kernel on ``[x, block sums of x]``, as the rewritten graph
-    computes it."""
-    n, k = joined.b.shape[0], x.shape[-1]
-    ones = gw.block_indicator(k)
-    nodes = [
-        helper.make_node("MatMul", ["x", "ones"], ["sums"]),
-        helper.make_node("Concat", ["x", "sums"], ["xs"], axis=-1),
-        helper.make_node("MatMulNBits", ["xs", "b", "s"], ["y"], domain="com.microsoft",
-                         K=joined.k, N=n, bits=4, block_size=32,
-                         accuracy_level=accuracy_level),
-    ]
-    inits = [numpy_helper.from_array(ones, "ones"), numpy_helper.from_array(joined.b, "b"),
-             numpy_helper.from_array(joined.scales, "s")]
+def _run(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], x: np.ndarray,
+         out: str) -> np.ndarray:
+    """Run ``nodes`` in onnxruntime on a [1, 1, K] input ``x``."""
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], inits)
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, x.shape[-1]])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid("com.microsoft", 1)])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    y: np.ndarray = session.run(None, {"x": x})[0]
-    return y
+    y: np.ndarray = session.run(None, {"x": x.reshape(1, 1, -1)})[0]
+    return y.reshape(x.shape[0], -1)
+
+
+def _run_matmul_nbits(joined: gw.Joined, x: np.ndarray, accuracy_level: int) -> np.ndarray:
+    """The real onnxruntime kernel on the rewritten graph's ``[x, block sums of x, ...]``."""
+    n, k = joined.b.shape[0], x.shape[-1]
+    nodes, constants, xs = gw.block_sum_nodes("x", k, "/sums")
+    nodes.append(helper.make_node("MatMulNBits", [xs, "b", "s"], ["y"], domain="com.microsoft",
+                                  K=joined.k, N=n, bits=4, block_size=32,
+                                  accuracy_level=accuracy_level))
+    inits = [*constants, numpy_helper.from_array(joined.b, "b"),
+             numpy_helper.from_array(joined.scales, "s")]
+    return _run(nodes, inits, x, "y")
 
 
 @pytest.mark.parametrize("cols", [576, 1536])  # the model's two K: 18 and 48 block sums
@@ -137,10 +138,13 @@ def test_the_residual_columns_hold_the_minimums() -> None:
 
 @pytest.mark.parametrize(("cols", "padded"), [(576, 32), (1536, 64)])
 def test_block_sums_fill_whole_blocks(cols: int, padded: int) -> None:
-    x = RNG.standard_normal((2, cols)).astype(np.float32)
-    sums = x @ gw.block_indicator(cols)
-    assert gw.sum_columns(cols) == padded and sums.shape[1] == 2 * padded
-    want = x.reshape(2, -1, 32).sum(-1)
+    x = RNG.standard_normal((1, cols)).astype(np.float32)
+    nodes, constants, out = gw.block_sum_nodes("x", cols, "/sums")
+    got = _run(nodes, constants, x, out)  # the rewritten graph's nodes, in onnxruntime
+    assert gw.sum_columns(cols) == padded and got.shape[1] == cols + 2 * padded
+    np.testing.assert_array_equal(got[:, :cols], x)
+    sums = got[:, cols:]
+    want = x.reshape(1, -1, 32).sum(-1)
     for copy in (0, padded):  # the sums, then zeros, twice
         np.testing.assert_allclose(sums[:, copy:copy + cols // 32], want, atol=1e-4)
         assert not sums[:, copy + cols // 32:copy + padded].any()
