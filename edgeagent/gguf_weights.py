@@ -14,12 +14,12 @@ weights, MatMulNBits by MatMulNBits, with the GGUF's blocks as they are:
   ``r * sum(x over the block)``. The input gets those block sums as extra columns
   (:func:`block_sum_nodes`: a Reshape to blocks, a ReduceSum, a small MatMul that places
   them, a Concat) and the weight row gets ``r`` there, so one MatMulNBits still computes
-  the whole product. ``r``
-  is written at 4 bits in two blocks of its own, a coarse one and the rest of its rounding,
-  each beside its own copy of the sums (the error is at most 1/196 of the row's largest ``r``,
-  about 30 times smaller than the builder's re-quantization). The sums fill whole blocks
-  of 32 (zero columns): with a K that ends in a partial block, MatMulNBits spent ~10% more
-  CPU per decoded token for the same result, bit for bit (docs/engine-notes.md).
+  the whole product. ``r`` is written at 4 bits in two blocks of its own, a coarse one and
+  the rest of its rounding, each beside its own copy of the sums (the error is at most
+  1/196 of the row's largest ``r``, about 30 times smaller than the builder's
+  re-quantization). The sums fill whole blocks of 32 (zero columns): with a K that ends
+  in a partial block, MatMulNBits spent ~10% more CPU per decoded token for the same
+  result, bit for bit (docs/engine-notes.md).
 * Q8_0 (the tied embedding and ``lm_head``): ``d * q`` with ``q`` in -127..127 is exactly an
   8-bit MatMulNBits (zero point 128 by default) and an 8-bit GatherBlockQuantized.
 
