@@ -28,6 +28,11 @@ class ServingClient(Protocol):
         ...
 
     @property
+    def stopping(self) -> bool:
+        """The daemon has begun to stop: nothing new is admitted from now on."""
+        ...
+
+    @property
     def model_id(self) -> str: ...
 
     def model_ids(self) -> list[str]:
@@ -95,6 +100,10 @@ class Serving:
 
     def draining(self) -> None:
         self.state = "draining"
+
+    @property
+    def stopping(self) -> bool:
+        return self.state == "draining"
 
     # ------------------------------------------------------------ the transports' side
     @property

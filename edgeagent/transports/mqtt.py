@@ -455,8 +455,16 @@ class MqttTransport:
         if self._accepting:
             client.subscribe(self.topics["fleet"], qos=1)
 
+    def _stopping(self) -> bool:
+        """This transport, or the daemon ahead of it, has stopped accepting: a request is
+        left unacknowledged and unanswered, as one that arrives after ``stop_accepting``
+        (the broker delivers it again after the restart; a fleet request goes with the
+        share's clean session and its requester re-publishes it), never refused with an
+        error that would answer it."""
+        return not self._accepting or self.serving.stopping
+
     def _handle_request(self, msg: mqtt.MQTTMessage, gen: int) -> None:
-        if not self._accepting:
+        if self._stopping():
             return  # not acknowledged: the broker delivers it again after the restart
         if not self.serving.ready:
             with self._lock:
@@ -538,6 +546,8 @@ class MqttTransport:
         try:
             prepared = self.serving.prepare_chat(req)
         except AdmissionError as exc:
+            if self._stopping():  # the daemon began to stop since the check above
+                return
             self._reject(msg, gen, route, exc.status, exc.code, exc.message,
                          exc.retry_after)
             return
@@ -558,6 +568,8 @@ class MqttTransport:
         except AdmissionError as exc:
             with self._lock:
                 self._recent.pop(key, None)
+            if self._stopping():
+                return
             self._reject(msg, gen, route, exc.status, exc.code, exc.message,
                          exc.retry_after)
 
