@@ -1,7 +1,8 @@
-"""The engine: the one module that owns ``og.Model`` and its tokenizer.
+"""The engine: the one module that owns ``oga.Model`` and its tokenizer (onnxruntime-genai
+through its C API, with the GIL released while the model runs: edgeagent/oga.py).
 
 It formats chats with the model's own chat template, batches sequences on
-``og.Generator`` and samples token by token. The scheduler drives it from one thread;
+``oga.Generator`` and samples token by token. The scheduler drives it from one thread;
 transports never touch it.
 
 Batching is static within a batch (docs/engine-notes.md): the sequences pending together
@@ -9,7 +10,7 @@ start together, up to ``capacity``. A sequence that arrives while batches run do
 for them: it starts a batch of its own at once, and every step gives each running batch a
 step in turn (round robin), so its prefill and first token come within a step of each
 batch. A batch is one
-``og.Generator`` whose rows are the prompts, left-padded with the pad token. Its search is
+``oga.Generator`` whose rows are the prompts, left-padded with the pad token. Its search is
 greedy; a row that asks for more (temperature, top_p, top_k, seed, repetition, frequency
 or presence penalty, min_tokens) has its logits rewritten with NumPy before the step, so each
 request keeps its own sampling inside a shared batch; a row that asks for logprobs has its
@@ -41,9 +42,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime_genai as og
 import structlog
 
+from edgeagent import oga
 from edgeagent.guidance import Grammars, mask_logits
 from edgeagent.guidance import GuidanceError as GuidanceError
 from edgeagent.manifest import read_genai_config
@@ -258,9 +259,9 @@ Event = tuple[Sequence, "Delta | Finish"]
 
 @dataclass(eq=False)
 class _Batch:
-    """One ``og.Generator`` and the sequences in its rows."""
+    """One ``oga.Generator`` and the sequences in its rows."""
 
-    generator: Any
+    generator: oga.Generator
     rows: list[Sequence]
     prompt: np.ndarray  # (rows, padded prompt length), left-padded
     chunk: int
@@ -303,7 +304,7 @@ class _Batch:
 
 
 def genai_overlay(plan: Plan) -> dict[str, Any]:
-    """The plan as an onnxruntime-genai config overlay (``og.Config.overlay()``): threads and
+    """The plan as an onnxruntime-genai config overlay (``oga.Model``'s): threads and
     the sequence length its KV cache is allocated for.
 
     Idle intra-op threads sleep instead of spinning: a spinning pool burns a core between
@@ -319,7 +320,7 @@ def genai_overlay(plan: Plan) -> dict[str, Any]:
 
 
 class Engine:
-    """An onnxruntime-genai model loaded under a plan, batching on ``og.Generator``.
+    """An onnxruntime-genai model loaded under a plan, batching on ``oga.Generator``.
 
     Everything but the text helpers and ``check_guidance`` (the transports' admission
     check) runs on the scheduler's thread.
@@ -328,10 +329,8 @@ class Engine:
     def __init__(self, model_path: Path, plan: Plan) -> None:
         self.path = model_path
         self.plan = plan
-        config = og.Config(str(model_path))
-        config.overlay(json.dumps(genai_overlay(plan)))
-        self.model = og.Model(config)
-        self.tokenizer = og.Tokenizer(self.model)
+        self.model = oga.Model(model_path, genai_overlay(plan))
+        self.tokenizer = oga.Tokenizer(self.model)
         self.eos_ids: frozenset[int] = frozenset(int(t) for t in self.tokenizer.eos_token_ids)
         self._eos = np.asarray(sorted(self.eos_ids), dtype=np.int64)
         genai = read_genai_config(model_path)["model"]
@@ -503,7 +502,31 @@ class Engine:
         prefix cache with the KV of its prompt and answer."""
         self._batches.remove(batch)
         if batch.cacheable:
-            self.prefix_cache.put(batch.cached_tokens(), batch.generator)
+            self.prefix_cache.put(batch.cached_tokens(), batch.generator, self._spare_room())
+
+    def prepare(self) -> bool:
+        """Make one spare generator for the prefix cache when fewer are kept than the free
+        sequence slots; the scheduler calls it while nothing waits. Returns whether it made
+        one. Making one faults in its KV cache's memory (70 ms alone, 250 ms beside running
+        batches, measured): done here, no request waits for it."""
+        if (not self.prefix_cache.enabled or self._pending or self._batches
+                or self.prefix_cache.spares >= self._spare_room()):
+            return False
+        self.prefix_cache.add_spare(self._full_context_generator())
+        return True
+
+    def _full_context_generator(self) -> oga.Generator:
+        """A one-row generator for the whole context: its search options suit any prompt
+        (greedy, no min_length; EOS is masked by the logits rewrite instead)."""
+        params = oga.GeneratorParams(self.model)
+        params.set_search_options(max_length=self.plan.context_length, batch_size=1,
+                                  do_sample=False)
+        return oga.Generator(self.model, params)
+
+    def _spare_room(self) -> int:
+        """Sequences of ``capacity`` that hold no KV cache now: the budget of the prefix
+        cache's spare generators."""
+        return self.capacity - len(self._pending) - sum(len(b.rows) for b in self._batches)
 
     def _step_batch(self, batch: _Batch, out: list[Event]) -> None:
         """Feed a prefill chunk or generate a token; events go to ``out`` as they come, so
@@ -564,6 +587,7 @@ class Engine:
         """A generator for ``rows``, their prompts left-padded to the longest."""
         if len(rows) == 1 and self.prefix_cache.enabled:
             return self._cacheable_batch(rows[0])
+        self.prefix_cache.trim_spares(self._spare_room() - len(rows))  # within the plan
         width = max(len(seq.prompt) for seq in rows)
         longest = max(seq.max_new for seq in rows)
         prompt = np.full((len(rows), width), self.pad_id, dtype=np.int32)
@@ -578,24 +602,20 @@ class Engine:
         native_min = len(min_new) == 1  # rows agree: the search blocks EOS, no rewrite
         if native_min and (least := min_new.pop()) > 0:
             options["min_length"] = width + least
-        params = og.GeneratorParams(self.model)
+        params = oga.GeneratorParams(self.model)
         params.set_search_options(**options)
-        generator = og.Generator(self.model, params)
+        generator = oga.Generator(self.model, params)
         return _Batch(generator, rows, prompt, self.plan.prefill_chunk, native_min)
 
     def _cacheable_batch(self, seq: Sequence) -> _Batch:
         """A one-row batch on a cached generator sharing a prefix with ``seq``'s prompt
-        (rewound to it: only the rest is prefilled), on a recycled one, or on a new one for
-        the whole context (its search options must suit any later prompt: greedy, no
-        min_length; EOS is masked by the logits rewrite instead)."""
+        (rewound to it: only the rest is prefilled), on an emptied one, or on a new one for
+        the whole context."""
         hit = self.prefix_cache.take(seq.prompt)
         if hit is not None:
             generator, seq.cached_tokens = hit.generator, hit.reused
-        elif (generator := self.prefix_cache.recycle()) is None:
-            params = og.GeneratorParams(self.model)
-            params.set_search_options(max_length=self.plan.context_length, batch_size=1,
-                                      do_sample=False)
-            generator = og.Generator(self.model, params)
+        elif (generator := self.prefix_cache.blank()) is None:
+            generator = self._full_context_generator()
         return _Batch(generator, [seq], seq.prompt[None, :], self.plan.prefill_chunk,
                       fed=seq.cached_tokens, cacheable=True)
 

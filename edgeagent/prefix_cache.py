@@ -17,6 +17,14 @@ used one goes first. Creating such a generator costs ~50 ms of CPU (the allocati
 zero-filled), so a prompt that matches nothing, with the cache full, takes the least recently
 used generator rewound to 0 (it would be evicted when the new one comes back anyway) rather
 than a new one.
+
+Nor is a generator pushed out of the cache freed while the plan's KV budget has room for it:
+it stays, emptied, as a spare for the next prompt that matches nothing. Freed, its memory
+goes back to the system, and the next generator faults fresh memory in on the scheduler's
+thread: 70 ms alone, 250 ms beside running batches, a stall of every running request
+(measured with 4 clients arriving at random; docs/engine-notes.md). The engine says how many spares
+its budget holds (``spare_room``: the sequences of ``max_batch`` not running), and makes
+them while it is idle (``Engine.prepare``), so that no request waits for a new generator.
 """
 
 from __future__ import annotations
@@ -64,6 +72,7 @@ class PrefixCache:
         self.entry_bytes = entry_bytes
         self.capacity = budget_bytes // entry_bytes if entry_bytes > 0 else 0
         self._entries: list[_Entry] = []  # oldest first
+        self._spares: list[Any] = []  # emptied generators, kept for prompts matching nothing
 
     @property
     def enabled(self) -> bool:
@@ -75,8 +84,13 @@ class PrefixCache:
 
     @property
     def bytes(self) -> int:
-        """Memory the idle generators hold."""
+        """Memory the cached prompts hold."""
         return len(self._entries) * self.entry_bytes
+
+    @property
+    def spares(self) -> int:
+        """Emptied generators kept (their memory is the running sequences' budget)."""
+        return len(self._spares)
 
     def _best(self, prompt: np.ndarray) -> tuple[_Entry | None, int]:
         """The entry sharing the longest prefix with ``prompt``, and how many tokens it
@@ -103,22 +117,44 @@ class PrefixCache:
         entry.generator.rewind_to(reused)
         return Hit(entry.generator, reused)
 
-    def recycle(self) -> Any | None:
-        """With the cache full, the least recently used generator, out of the cache and
-        emptied (rewound to 0), for a prompt that matched nothing; None otherwise."""
+    def blank(self) -> Any | None:
+        """An emptied generator for a prompt that matched nothing: a spare, or with the cache
+        full its least recently used entry (rewound to 0); None: make a new one."""
+        if self._spares:
+            return self._spares.pop()
         if not self.enabled or len(self._entries) < self.capacity:
             return None
         entry = self._entries.pop(0)
         entry.generator.rewind_to(0)
         return entry.generator
 
-    def put(self, tokens: np.ndarray, generator: Any) -> None:
-        """Keep ``generator``, whose KV cache holds ``tokens``; the least recently used
-        entries go beyond the capacity (their KV cache is freed with them)."""
-        if not self.enabled or len(tokens) < MIN_PREFIX_TOKENS:
+    def put(self, tokens: np.ndarray, generator: Any, spare_room: int) -> None:
+        """Keep ``generator``, whose KV cache holds ``tokens``. The least recently used
+        entries beyond the capacity, and a generator holding too few tokens to be worth an
+        entry, stay as spares while fewer than ``spare_room`` are kept; the rest are freed
+        (their KV cache with them)."""
+        if not self.enabled:
+            return
+        if len(tokens) < MIN_PREFIX_TOKENS:
+            self._keep_spare(generator, spare_room)
             return
         self._entries.append(_Entry(np.asarray(tokens, dtype=np.int32), generator))
-        del self._entries[:-self.capacity]
+        while len(self._entries) > self.capacity:
+            self._keep_spare(self._entries.pop(0).generator, spare_room)
+
+    def add_spare(self, generator: Any) -> None:
+        """Keep a new, empty generator as a spare."""
+        self._spares.append(generator)
+
+    def _keep_spare(self, generator: Any, spare_room: int) -> None:
+        if len(self._spares) < spare_room:
+            generator.rewind_to(0)
+            self._spares.append(generator)
+
+    def trim_spares(self, spare_room: int) -> None:
+        """Free the spares beyond ``spare_room`` (a batch of its own is about to run)."""
+        del self._spares[max(0, spare_room):]
 
     def clear(self) -> None:
         self._entries.clear()
+        self._spares.clear()

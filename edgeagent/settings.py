@@ -134,9 +134,11 @@ class RuntimeSettings(Section):
         ge=0,
         le=1000,
         description="From idle, how long the scheduler may wait for more requests so that "
-        "requests arriving together are generated as one batch. It waits only until as many "
-        "requests are queued as were in the daemon at once in the last 10 seconds, so a "
-        "lone client's requests start at once.",
+        "requests arriving together are generated as one batch. It waits only when requests "
+        "have lately come in bursts (at least half of those of the last 10 seconds within "
+        "this window of the one before), and only until as many requests are queued as were "
+        "in the daemon at once in the last 10 seconds: a lone client's requests, and clients "
+        "sending at unrelated moments, start at once.",
         json_schema_extra=SCHEDULER,
     )
     probe_root: Path = Field(

@@ -42,7 +42,8 @@ def test_queue_full_is_429_and_the_queue_drains(start_daemon: Any) -> None:
         with client.stream("POST", "/v1/chat/completions", json={**LONG, "stream": True}) as a:
             # Keep the line iterator: a discarded one closes the connection, which cancels.
             lines = a.iter_lines()
-            next(line for line in lines if line.startswith("data: "))  # running
+            next(line for line in lines if line.startswith("data: "))
+            _wait(client, "active_sequences", 1)  # running, not queued
 
             def second() -> None:
                 with _client(d) as c2:

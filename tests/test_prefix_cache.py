@@ -193,6 +193,41 @@ def test_the_least_recently_used_prompt_goes_first(cached: Engine, uncached: Eng
     assert answers == {topic: run(uncached, prompt)[0] for topic, prompt in prompts.items()}
 
 
+def test_generators_are_made_while_idle_and_kept_within_the_plan(default_model: Path) -> None:
+    """Making a full-context generator faults in its KV cache (70-250 ms, holding up every
+    request of that step), so the engine makes them while idle, one per free sequence slot,
+    and keeps the ones the cache pushes out as spares: prompts matching nothing then run
+    on them and no generator is made or freed while serving. A batch of several rows,
+    whose memory is its own, frees the spares its rows need from the plan."""
+    engine = engine_with(default_model, 2 * (ENTRY // MB + 1))
+    cache = engine.prefix_cache
+    made = 0
+    while engine.prepare():
+        made += 1
+    assert made == cache.spares == engine.capacity == 2  # max_batch slots, none running
+    prompts = [chat(engine, system_prompt(topic, sensors=8), "Any alarms?")
+               for topic in ("pump", "valve", "fan")]
+    for prompt in prompts:  # three prompts for two entries: the pump's is pushed out
+        seq = engine.start(prompt, Sampling(max_tokens=4))
+        engine.step()
+        assert cache.spares == 1  # the sequence took a spare, not a cached prompt
+        while not seq.finished:
+            engine.step()
+        engine.prepare()  # idle again: back to two spares while the cache fills
+    assert (cache.entries, cache.spares) == (2, 2)
+    assert not engine.prepare()  # nothing to make: the pushed-out generator is a spare
+    assert run(engine, prompts[2])[1].cached_tokens > 200
+    assert run(engine, prompts[0])[1].cached_tokens == 0  # pushed out
+    # Two rows started together share a batch of their own: the plan's two sequences.
+    rows = [engine.start(chat(engine, "Be brief.", q), Sampling(max_tokens=4))
+            for q in ("Name a river.", "Name a colour.")]
+    engine.step()
+    assert cache.spares == 0
+    while not all(seq.finished for seq in rows):
+        engine.step()
+    assert engine.prepare() and engine.prepare() and not engine.prepare()
+
+
 def test_metrics_and_health_report_hits_tokens_saved_and_bytes_held(
         start_daemon: Any) -> None:
     d = start_daemon(extra_toml=f"[runtime]\ncontext_length = {CONTEXT}\n")

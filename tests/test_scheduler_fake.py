@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edgeagent.engine import Engine, Finish, Sampling
-from edgeagent.scheduler import Job, JobError, QueueFull, Scheduler
+from edgeagent.scheduler import Job, JobError, QueueFull, Scheduler, bursty
 from edgeagent.settings import Settings
 from edgeagent.testing.fake_engine import FAIL, Collector, FakeEngine
 
@@ -97,3 +97,14 @@ def test_a_full_queue_refuses_with_429_and_keeps_what_it_holds(fake: FakeEngine)
         assert isinstance(fin, Finish) and fin.completion_tokens == 3
     finally:
         sched.stop()
+
+
+def test_the_batch_window_applies_only_to_requests_that_come_in_bursts() -> None:
+    window = 0.1
+    # Clients fired together: most requests within the window of the one before.
+    assert bursty([0.0, 0.01, 0.03, 2.0, 2.02, 2.05], window)
+    # Clients acting apart (random gaps of hundreds of ms): one in five is close.
+    assert not bursty([0.0, 0.4, 0.45, 1.1, 1.6, 2.3], window)
+    # One request, or none, says nothing about bursts: start at once.
+    assert not bursty([5.0], window)
+    assert not bursty([], window)

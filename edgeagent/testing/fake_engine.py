@@ -93,6 +93,9 @@ class FakeEngine:
     def holds(self, seq: Sequence) -> bool:
         return seq in self.held
 
+    def prepare(self) -> bool:
+        return False  # nothing to make ahead: no KV cache
+
     def step(self) -> list[tuple[Sequence, Delta | Finish]]:
         self.stepping.set()
         if not self.gate.wait(60):
