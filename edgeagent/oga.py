@@ -53,13 +53,37 @@ def _declare(lib: ctypes.CDLL, name: str, restype: Any, *argtypes: Any) -> Any:
     return fn
 
 
+# Model calls under way, the GIL released, on any thread; at exit, nothing is freed under
+# one (a daemon thread may still be in a step when the interpreter finalizes).
+_state = threading.Condition()
+_busy = 0
+_closed = False
+
+
+def _counted(fn: Any) -> Any:
+    def call(*args: Any) -> Any:
+        global _busy
+        with _state:
+            if _closed:
+                raise OgaError("onnxruntime-genai is shut down: the process is exiting")
+            _busy += 1
+        try:
+            return fn(*args)
+        finally:
+            with _state:
+                _busy -= 1
+                _state.notify_all()
+    return call
+
+
 # The GIL released: the model's work.
-_create_model = _declare(_free, "OgaCreateModelFromConfig", _P, _P, _PP)
-_create_generator = _declare(_free, "OgaCreateGenerator", _P, _P, _P, _PP)
-_append_tokens = _declare(_free, "OgaGenerator_AppendTokens", _P, _P, _I32P, ctypes.c_size_t)
-_generate_next = _declare(_free, "OgaGenerator_GenerateNextToken", _P, _P)
+_create_model = _counted(_declare(_free, "OgaCreateModelFromConfig", _P, _P, _PP))
+_create_generator = _counted(_declare(_free, "OgaCreateGenerator", _P, _P, _P, _PP))
+_append_tokens = _counted(_declare(_free, "OgaGenerator_AppendTokens", _P, _P, _I32P,
+                                   ctypes.c_size_t))
+_generate_next = _counted(_declare(_free, "OgaGenerator_GenerateNextToken", _P, _P))
 # Runs the model when the step's logits are not computed yet (a rewrite reads them first).
-_get_logits = _declare(_free, "OgaGenerator_GetLogits", _P, _P, _PP)
+_get_logits = _counted(_declare(_free, "OgaGenerator_GetLogits", _P, _P, _PP))
 _destroy_generator = _declare(_free, "OgaDestroyGenerator", None, _P)  # frees its KV cache
 _destroy_model = _declare(_free, "OgaDestroyModel", None, _P)
 # The GIL kept: bookkeeping, readback and text.
@@ -181,6 +205,13 @@ class _Handle:
 
 @atexit.register
 def _close_all() -> None:
+    """Free every handle before the package's own shutdown, once no model call is under way
+    (none starts after this); with one still running after 30 s, free nothing."""
+    global _closed
+    with _state:
+        _closed = True
+        if not _state.wait_for(lambda: _busy == 0, timeout=30):
+            return
     with _lock:
         handles = sorted(_live, key=lambda h: h._order)
     for handle in handles:
