@@ -8,7 +8,7 @@ then gets the GIL only between two such calls, and a thread that makes system ca
 one gives the GIL up) waits about one model call per call: reading /proc/meminfo for the
 memory guard took 277 ms instead of 0.8 ms beside a decoding generator, and a request that
 arrived while others ran waited that long before it was even queued (docs/engine-notes.md,
-"The GIL").
+"Late arrivals, session 5").
 
 So the engine calls the same library through its C API (``ort_genai_c.h``, exported by the
 ``libonnxruntime-genai.so`` the package ships and its binding links) with ctypes, which
@@ -164,6 +164,14 @@ def _take_string(fn: Any, *args: Any) -> str:
         _destroy_string(out.value)
 
 
+def _copy(data: Any, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """A NumPy copy of the library's buffer at ``data`` (one memmove)."""
+    out: np.ndarray = np.empty(shape, dtype)
+    if out.nbytes:
+        ctypes.memmove(out.ctypes.data, data, out.nbytes)
+    return out
+
+
 def _tokens(values: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(values, dtype=np.int32).reshape(-1))
 
@@ -253,11 +261,7 @@ class Tokenizer(_Handle):
         sequences = _out(_create_sequences)
         try:
             _check(_encode(self.handle, text.encode(), sequences))
-            n = _seqs_count(sequences, 0)
-            data = _seqs_data(sequences, 0)
-            if not n:
-                return np.zeros(0, np.int32)
-            return np.array(np.ctypeslib.as_array(data, (n,)), np.int32)
+            return _copy(_seqs_data(sequences, 0), (_seqs_count(sequences, 0),), np.int32)
         finally:
             _destroy_sequences(sequences)
 
@@ -333,13 +337,11 @@ class Generator(_Handle):
         data = _I32P()
         count = ctypes.c_size_t()
         _check(_next_tokens(self.handle, ctypes.byref(data), ctypes.byref(count)))
-        return np.array(np.ctypeslib.as_array(data, (count.value,)), np.int32)
+        return _copy(data, (count.value,), np.int32)
 
     def get_sequence(self, index: int) -> np.ndarray:
         n = _sequence_count(self.handle, index)
-        if not n:
-            return np.zeros(0, np.int32)
-        return np.array(np.ctypeslib.as_array(_sequence_data(self.handle, index), (n,)), np.int32)
+        return _copy(_sequence_data(self.handle, index), (n,), np.int32)
 
     def get_logits(self) -> np.ndarray:
         """The next token's logits, (rows, 1, vocabulary), a copy; computing them runs the
@@ -350,10 +352,7 @@ class Generator(_Handle):
             _check(_tensor_rank(tensor, ctypes.byref(rank)))
             shape = (ctypes.c_int64 * rank.value)()
             _check(_tensor_shape(tensor, shape, rank.value))
-            data = _out(_tensor_data, tensor)
-            dims = tuple(int(d) for d in shape)
-            floats = ctypes.cast(data, ctypes.POINTER(ctypes.c_float))
-            return np.array(np.ctypeslib.as_array(floats, dims), np.float32)
+            return _copy(_out(_tensor_data, tensor), tuple(int(d) for d in shape), np.float32)
         finally:
             _destroy_tensor(tensor)
 

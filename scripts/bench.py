@@ -399,11 +399,12 @@ def cpu_block(model_path: Path, context: int, tokens: np.ndarray, n: int,
 def late_block(one: Callable[[str, int], Streamed], n: int, repeat: int,
                clients: int = 4) -> dict[str, Any]:
     """Time to first token when ``clients`` clients send at random intervals (not at once),
-    against the idle TTFT of the same request measured alone just before.
+    against the idle TTFT of the same requests (the clients' own prompts) measured alone
+    just before.
 
     Each client waits a random time, uniform up to one idle request's duration, before each
     of its ``repeat`` requests: most arrive while other requests are generating."""
-    idle = [one(SHORT, n) for _ in range(max(2, repeat))]
+    idle = [one(f"Tell story number {i % clients}.", n) for i in range(max(2, repeat))]
     duration = median([s.run.ttft_s + s.tokens / s.run.decode_tps for s in idle])
     rng = np.random.default_rng(13)
     waits = rng.uniform(0, duration, size=(clients, repeat))
