@@ -7,9 +7,9 @@ transports never touch it.
 
 Batching is static within a batch (docs/engine-notes.md): the sequences pending together
 start together, up to ``capacity``. A sequence that arrives while batches run does not wait
-for them: it starts a batch of its own at once, and every step gives each running batch a
-step in turn (round robin), so its prefill and first token come within a step of each
-batch. A batch is one
+for them: it starts a batch of its own at once, which takes the next step; then the batches
+take one step each in turn (round robin), so its prefill and first token wait for one
+batch's step, not for the others to end. A batch is one
 ``oga.Generator`` whose rows are the prompts, left-padded with the pad token. Its search is
 greedy; a row that asks for more (temperature, top_p, top_k, seed, repetition, frequency
 or presence penalty, min_tokens) has its logits rewritten with NumPy before the step, so each
@@ -459,8 +459,10 @@ class Engine:
         return not seq.finished and (in_batch or seq in self._pending)
 
     def step(self) -> list[Event]:
-        """One step of every running batch in turn: a prefill chunk, or a token for each of
-        its live sequences. The sequences pending start first, as batches of their own.
+        """One step of one running batch: a prefill chunk, or a token for each of its live
+        sequences. The batches take turns (round robin); the sequences pending start first,
+        as batches of their own, and a new batch takes the next turn: a newcomer waits for
+        one batch's step, not for a step of every batch, before its prefill.
 
         A sequence whose grammar llguidance refuses, and a batch that cannot be formed or
         stepped (a failing run), finish their own sequences with "error"; the others are
@@ -476,25 +478,30 @@ class Engine:
             except Exception as exc:
                 self._pending.remove(seq)
                 out.extend(self._fail([seq], "the grammar was refused", exc))
+        fresh: list[_Batch] = []
         while self._pending:
             rows = self._next_rows()
             for seq in rows:
                 self._pending.remove(seq)
             try:
-                self._batches.append(self._form_batch(rows))
+                fresh.append(self._form_batch(rows))
             except Exception as exc:
                 out.extend(self._fail(rows, "could not start a batch", exc))
-        for batch in list(self._batches):
-            try:
-                self._step_batch(batch, out)
-            except Exception as exc:
-                self._batches.remove(batch)  # frees the generator and its KV cache
-                out.extend(self._fail(batch.rows, "a batch step failed", exc))
-                continue
-            if batch.done or batch.generator.is_done():
-                out.extend((seq, self._finish(seq, "stop"))
-                           for seq in batch.rows if not seq.finished)
-                self._retire(batch)
+        self._batches[:0] = fresh  # the next turns: a newcomer's prefill comes first
+        if not self._batches:
+            return out
+        batch = self._batches.pop(0)
+        self._batches.append(batch)  # its next turn after every other batch's
+        try:
+            self._step_batch(batch, out)
+        except Exception as exc:
+            self._batches.remove(batch)  # frees the generator and its KV cache
+            out.extend(self._fail(batch.rows, "a batch step failed", exc))
+            return out
+        if batch.done or batch.generator.is_done():
+            out.extend((seq, self._finish(seq, "stop"))
+                       for seq in batch.rows if not seq.finished)
+            self._retire(batch)
         return out
 
     def _retire(self, batch: _Batch) -> None:
