@@ -191,8 +191,9 @@ class _Handle:
     _order = 0  # freed in this order at exit: generators before models
     _handle: int | None = None
 
-    def __init__(self, handle: int) -> None:
+    def __init__(self, handle: int, owner: _Handle | None = None) -> None:
         self._handle: int | None = handle
+        self._owner = owner  # outlives this handle (a model its generators, ...)
         with _lock:
             _live.add(self)
 
@@ -247,8 +248,7 @@ class Tokenizer(_Handle):
     _order = 3
 
     def __init__(self, model: Model) -> None:
-        super().__init__(_out(_create_tokenizer, model.handle))
-        self._model = model
+        super().__init__(_out(_create_tokenizer, model.handle), model)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -285,8 +285,7 @@ class TokenizerStream(_Handle):
     _order = 1
 
     def __init__(self, tokenizer: Tokenizer) -> None:
-        super().__init__(_out(_create_stream, tokenizer.handle))
-        self._tokenizer = tokenizer
+        super().__init__(_out(_create_stream, tokenizer.handle), tokenizer)
 
     def decode(self, token: int) -> str:
         out = ctypes.c_char_p()  # the stream's own buffer, valid until its next call
@@ -299,8 +298,7 @@ class GeneratorParams(_Handle):
     _order = 2
 
     def __init__(self, model: Model) -> None:
-        super().__init__(_out(_create_params, model.handle))
-        self._model = model
+        super().__init__(_out(_create_params, model.handle), model)
 
     def set_search_options(self, **options: float | bool) -> None:
         for name, value in options.items():
@@ -319,8 +317,7 @@ class Generator(_Handle):
     _order = 0
 
     def __init__(self, model: Model, params: GeneratorParams) -> None:
-        super().__init__(_out(_create_generator, model.handle, params.handle))
-        self._model = model  # outlives its generators
+        super().__init__(_out(_create_generator, model.handle, params.handle), model)
 
     def append_tokens(self, tokens: np.ndarray) -> None:
         """The tokens of every row, row after row (a 2-D array of the batch's rows)."""
