@@ -346,8 +346,9 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                idle = not (self._stop or self._running or self._queue_ready()
-                            or self._pending_swap)  # nothing made for an engine on its way out
+                # nothing made for a daemon that stops or an engine on its way out
+                idle = self._accepting and not (self._stop or self._running
+                                                or self._queue_ready() or self._pending_swap)
             if idle and self._engine.prepare():  # made a spare generator: look again
                 self.last_progress = time.monotonic()
                 continue
