@@ -72,7 +72,8 @@ def _counted(fn: Any) -> Any:
         finally:
             with _state:
                 _busy -= 1
-                _state.notify_all()
+                if _closed:
+                    _state.notify_all()  # _close_all waits for the last call
     return call
 
 
@@ -183,7 +184,6 @@ def _ptr(array: np.ndarray) -> Any:
 # Every handle alive, so that they are freed before the package's own shutdown
 # (OgaShutdown when its module is torn down) rather than reported as leaks after it.
 _live: weakref.WeakSet[_Handle] = weakref.WeakSet()
-_lock = threading.Lock()
 
 
 class _Handle:
@@ -194,7 +194,7 @@ class _Handle:
     def __init__(self, handle: int, owner: _Handle | None = None) -> None:
         self._handle: int | None = handle
         self._owner = owner  # outlives this handle (a model its generators, ...)
-        with _lock:
+        with _state:
             _live.add(self)
 
     @property
@@ -221,7 +221,6 @@ def _close_all() -> None:
         _closed = True
         if not _state.wait_for(lambda: _busy == 0, timeout=30):
             return
-    with _lock:
         handles = sorted(_live, key=lambda h: h._order)
     for handle in handles:
         handle.close()

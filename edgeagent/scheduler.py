@@ -345,12 +345,8 @@ class Scheduler:
     # ------------------------------------------------------------ the loop
     def _loop(self) -> None:
         while True:
-            with self._cond:
-                # nothing made for a daemon that stops or an engine on its way out
-                idle = self._accepting and not (self._stop or self._running
-                                                or self._queue_ready() or self._pending_swap)
-            if idle and self._engine.prepare():  # made a spare generator: look again
-                self.last_progress = time.monotonic()
+            if not self._running and self._idle() and self._engine.prepare():
+                self.last_progress = time.monotonic()  # made a spare generator: look again
                 continue
             with self._cond:
                 self._maybe_swap()
@@ -381,6 +377,14 @@ class Scheduler:
                 self._fail_lost()
             with self._cond:
                 self._cond.notify_all()  # drain() waits on this
+
+    def _idle(self) -> bool:
+        """Nothing to run, and nothing to make ready for: not a daemon that stops, not an
+        engine on its way out. (``_running`` changes on this thread only: the loop reads it
+        without the lock, so a step costs no more.)"""
+        with self._cond:
+            return self._accepting and not (self._stop or self._running or self._queue_ready()
+                                            or self._pending_swap)
 
     def _gather(self) -> None:
         """From idle, wait a moment (``runtime.batch_window_ms``) for more arrivals.
