@@ -345,7 +345,7 @@ class Scheduler:
     # ------------------------------------------------------------ the loop
     def _loop(self) -> None:
         while True:
-            if not self._running and self._idle() and self._engine.prepare():
+            if self._idle() and self._engine.prepare():
                 self.last_progress = time.monotonic()  # made a spare generator: look again
                 continue
             with self._cond:
@@ -380,10 +380,11 @@ class Scheduler:
 
     def _idle(self) -> bool:
         """Nothing to run, and nothing to make ready for: not a daemon that stops, not an
-        engine on its way out. (``_running`` changes on this thread only: the loop reads it
-        without the lock, so a step costs no more.)"""
+        engine on its way out."""
+        if self._running:  # changes on this thread only: read without the lock, so that
+            return False   # a step costs no more
         with self._cond:
-            return self._accepting and not (self._stop or self._running or self._queue_ready()
+            return self._accepting and not (self._stop or self._queue_ready()
                                             or self._pending_swap)
 
     def _gather(self) -> None:
