@@ -118,7 +118,8 @@ def needs_reload(old: Settings, new: Settings) -> bool:
 def load_engine(settings: Settings, the_plan: Plan | None = None
                 ) -> tuple[Engine, Plan, dict[str, object] | None]:
     """Probe, plan (unless ``the_plan`` is given), verify and load: everything a (re)load
-    needs, or a StartupError."""
+    needs, or a StartupError. The engine comes with its spare generators made (the plan's
+    KV cache in memory), so that a ready daemon has its memory in place."""
     path = settings.model_path
     if not path.exists():
         hint = (
@@ -132,6 +133,8 @@ def load_engine(settings: Settings, the_plan: Plan | None = None
         raise StartupError(str(exc)) from exc
     try:
         engine = Engine(path, the_plan)
+        while engine.prepare():
+            pass
     except Exception as exc:  # onnxruntime-genai raises plain RuntimeErrors
         raise StartupError(f"model {path} failed to load: {_runtime_message(exc)}") from exc
     return engine, the_plan, manifest

@@ -22,9 +22,10 @@ Nor is a generator pushed out of the cache freed while the plan's KV budget has 
 it stays, emptied, as a spare for the next prompt that matches nothing. Freed, its memory
 goes back to the system, and the next generator faults fresh memory in on the scheduler's
 thread: 70 ms alone, 250 ms beside running batches, a stall of every running request
-(measured with 4 clients arriving at random; docs/engine-notes.md). The engine says how many spares
-its budget holds (``spare_room``: the sequences of ``max_batch`` not running), and makes
-them while it is idle (``Engine.prepare``), so that no request waits for a new generator.
+(measured with 4 clients arriving at random; docs/engine-notes.md). The engine says how
+many spares its budget holds (``spare_room``: the sequences of ``max_batch`` not running),
+and makes them (``Engine.prepare``) when the model is loaded and again while idle, after a
+batch of several rows took their room: no request waits for a new generator.
 """
 
 from __future__ import annotations

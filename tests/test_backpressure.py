@@ -103,9 +103,12 @@ def test_mqtt_queue_full_reply_carries_retry_after(start_daemon: Any, broker: Br
     d: DaemonProc = start_daemon(extra_toml=f'{TIGHT}[mqtt]\nurl = "{broker.url}"\n')
     d.wait_ready()
     body = {"messages": HI, "max_tokens": 200, "min_tokens": 200}
-    with requester(broker) as r:
-        for i in range(3):  # one runs, one waits, one is refused
+    with requester(broker) as r, d.client() as client:
+        # One runs, one waits, one is refused.
+        for i, (key, value) in enumerate((("active_sequences", 1), ("queue_depth", 1))):
             r.request(f"edgeagent/{d.device_id}/request", body, correlation=b"%d" % i)
+            _wait(client, key, value)
+        r.request(f"edgeagent/{d.device_id}/request", body, correlation=b"2")
         errors = [doc["error"] for doc in (r.get()[1] for _ in range(3)) if "error" in doc]
     assert [e["code"] for e in errors] == ["queue_full"]
     assert 1 <= errors[0]["retry_after"] <= 60

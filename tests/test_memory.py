@@ -71,3 +71,16 @@ def test_long_prompt_peak_rss_is_its_kv_cache(start_daemon: Any, default_model: 
     assert growth <= kv + scores + 32 * MB, (
         f"peak RSS grew {growth / MB:.1f} MB for a {prompt}-token prompt; the target is the "
         f"KV cache ({kv / MB:.1f} MB) + a chunk's scores ({scores / MB:.1f} MB) + 32 MB")
+
+
+def test_a_ready_daemon_has_its_kv_cache_in_memory(start_daemon: Any,
+                                                   default_model: Path) -> None:
+    """The spare generators are made with the model's load: when READY=1 comes, the plan's
+    KV cache for every sequence is in memory, and no request (or reading of RSS) finds the
+    daemon still faulting it in."""
+    meta = ModelMeta.from_folder(default_model)
+    d: DaemonProc = start_daemon(extra_toml="[runtime]\ncontext_length = 4096\nmax_batch = 4\n")
+    d.wait_ready()
+    rss = _status_kb(d.proc.pid, "VmRSS") * 1024
+    kv = meta.kv_bytes_per_token * 4096 * 4
+    assert rss >= kv, f"RSS {rss / MB:.0f} MB at READY, the plan's KV cache {kv / MB:.0f} MB"
